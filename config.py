@@ -1,0 +1,495 @@
+"""Run configuration: yacs defaults under the official Swin key names, YAML files with
+`BASE:` inheritance, `--opts KEY VALUE` overrides, command-line flags, and validation.
+
+Every user mistake found here raises `ConfigError` with one line that names the key,
+the value and the fix; `main.py` prints it and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from typing import Any, Iterable
+
+import yaml
+from yacs.config import CfgNode as CN
+
+
+class ConfigError(ValueError):
+    """A mistake in the user's config or flags, reported as one line."""
+
+
+_C = CN()
+
+# Base config files, resolved relative to the YAML file that names them
+_C.BASE = ['']
+
+# -----------------------------------------------------------------------------
+# Data settings
+# -----------------------------------------------------------------------------
+_C.DATA = CN()
+# Batch size for a single GPU (per process)
+_C.DATA.BATCH_SIZE = 128
+# Path to dataset
+_C.DATA.DATA_PATH = ''
+# Dataset name
+_C.DATA.DATASET = 'imagenet'
+# Input image size
+_C.DATA.IMG_SIZE = 224
+# Interpolation to resize image (random, bilinear, bicubic)
+_C.DATA.INTERPOLATION = 'bicubic'
+# Use zipped dataset instead of folder dataset
+_C.DATA.ZIP_MODE = False
+# Cache data in memory: no | part | full
+_C.DATA.CACHE_MODE = 'part'
+# Pin CPU memory in DataLoader for faster copies to the GPU
+_C.DATA.PIN_MEMORY = True
+# Number of data loading worker processes
+_C.DATA.NUM_WORKERS = 8
+
+# -----------------------------------------------------------------------------
+# Model settings
+# -----------------------------------------------------------------------------
+_C.MODEL = CN()
+# Model type: swin
+_C.MODEL.TYPE = 'swin'
+# Model name (names the output folder)
+_C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
+# Pretrained weights to start from
+_C.MODEL.PRETRAINED = ''
+# Checkpoint to resume from
+_C.MODEL.RESUME = ''
+# Number of classes
+_C.MODEL.NUM_CLASSES = 1000
+# Dropout rate
+_C.MODEL.DROP_RATE = 0.0
+# Stochastic depth rate (linearly increasing over blocks)
+_C.MODEL.DROP_PATH_RATE = 0.1
+# Label smoothing
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+# Swin Transformer parameters
+_C.MODEL.SWIN = CN()
+_C.MODEL.SWIN.PATCH_SIZE = 4
+_C.MODEL.SWIN.IN_CHANS = 3
+_C.MODEL.SWIN.EMBED_DIM = 96
+_C.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN.WINDOW_SIZE = 7
+_C.MODEL.SWIN.MLP_RATIO = 4.
+_C.MODEL.SWIN.QKV_BIAS = True
+_C.MODEL.SWIN.QK_SCALE = None
+_C.MODEL.SWIN.APE = False
+_C.MODEL.SWIN.PATCH_NORM = True
+
+# Swin Transformer V2 parameters
+_C.MODEL.SWINV2 = CN()
+_C.MODEL.SWINV2.PATCH_SIZE = 4
+_C.MODEL.SWINV2.IN_CHANS = 3
+_C.MODEL.SWINV2.EMBED_DIM = 96
+_C.MODEL.SWINV2.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWINV2.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWINV2.WINDOW_SIZE = 7
+_C.MODEL.SWINV2.MLP_RATIO = 4.
+_C.MODEL.SWINV2.QKV_BIAS = True
+_C.MODEL.SWINV2.APE = False
+_C.MODEL.SWINV2.PATCH_NORM = True
+_C.MODEL.SWINV2.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+
+# -----------------------------------------------------------------------------
+# Training settings
+# -----------------------------------------------------------------------------
+_C.TRAIN = CN()
+_C.TRAIN.START_EPOCH = 0
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.WARMUP_EPOCHS = 20
+_C.TRAIN.WEIGHT_DECAY = 0.05
+_C.TRAIN.BASE_LR = 5e-4
+_C.TRAIN.WARMUP_LR = 5e-7
+_C.TRAIN.MIN_LR = 5e-6
+# Clip gradient norm; 0 or null disables clipping
+_C.TRAIN.CLIP_GRAD = 5.0
+# Auto resume from latest checkpoint
+_C.TRAIN.AUTO_RESUME = True
+# Gradient accumulation steps
+_C.TRAIN.ACCUMULATION_STEPS = 1
+# Activation checkpointing to save memory
+_C.TRAIN.USE_CHECKPOINT = False
+
+# LR scheduler
+_C.TRAIN.LR_SCHEDULER = CN()
+_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
+# Epoch interval to decay LR (step scheduler)
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+# LR decay rate (step scheduler)
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+# Warmup is a prefix of the schedule rather than overlapping its start
+_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True
+# Gamma and milestones (multistep scheduler)
+_C.TRAIN.LR_SCHEDULER.GAMMA = 0.1
+_C.TRAIN.LR_SCHEDULER.MULTISTEPS = []
+
+# Optimizer
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.NAME = 'adamw'
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+# SGD momentum
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+
+# Layer-wise LR decay for fine-tuning
+_C.TRAIN.LAYER_DECAY = 1.0
+
+# -----------------------------------------------------------------------------
+# Augmentation settings
+# -----------------------------------------------------------------------------
+_C.AUG = CN()
+# Color jitter factor (used when AUTO_AUGMENT is off)
+_C.AUG.COLOR_JITTER = 0.4
+# AutoAugment / RandAugment policy string
+_C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
+# Random erase probability, mode and count
+_C.AUG.REPROB = 0.25
+_C.AUG.REMODE = 'pixel'
+_C.AUG.RECOUNT = 1
+# Mixup alpha, mixup enabled if > 0
+_C.AUG.MIXUP = 0.8
+# Cutmix alpha, cutmix enabled if > 0
+_C.AUG.CUTMIX = 1.0
+# Cutmix min/max ratio, overrides alpha and enables cutmix if set
+_C.AUG.CUTMIX_MINMAX = None
+# Probability of performing mixup or cutmix when either/both is enabled
+_C.AUG.MIXUP_PROB = 1.0
+# Probability of switching to cutmix when both mixup and cutmix enabled
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+# How to apply mixup/cutmix params: batch, pair or elem
+_C.AUG.MIXUP_MODE = 'batch'
+
+# -----------------------------------------------------------------------------
+# Testing settings
+# -----------------------------------------------------------------------------
+_C.TEST = CN()
+# Resize to 256/224 of the size then center-crop (True) or resize straight to the size
+_C.TEST.CROP = True
+# Use a sequential sampler for validation
+_C.TEST.SEQUENTIAL = False
+_C.TEST.SHUFFLE = False
+
+# -----------------------------------------------------------------------------
+# Misc
+# -----------------------------------------------------------------------------
+# Enable torch automatic mixed precision
+_C.AMP_ENABLE = True
+# [New] AMP compute dtype: bf16 (no loss scaling needed) or fp16 (with a gradient scaler)
+_C.AMP_DTYPE = 'bf16'
+# [Deprecated] apex opt level; 'O0' disables AMP
+_C.AMP_OPT_LEVEL = ''
+# Output root; the run writes to OUTPUT/MODEL.NAME/TAG.
+# (The official default is '' with a flag default of 'output'; the effect is the same.)
+_C.OUTPUT = 'output'
+# Tag of experiment
+_C.TAG = 'default'
+# Frequency (epochs) to save checkpoints
+_C.SAVE_FREQ = 1
+# Frequency (steps) to log
+_C.PRINT_FREQ = 10
+# Random seed (each rank adds its rank)
+_C.SEED = 0
+# Evaluation only
+_C.EVAL_MODE = False
+# Throughput test only
+_C.THROUGHPUT_MODE = False
+# Local rank, taken from the launcher's environment
+_C.LOCAL_RANK = 0
+# Official acceleration switches, accepted for compatibility: this project's window
+# attention is always the fused path and LayerNorm is torch's fused kernel.
+_C.FUSED_WINDOW_PROCESS = False
+_C.FUSED_LAYERNORM = False
+
+MODEL_TYPES = ('swin',)
+OPTIMIZERS = ('adamw', 'sgd')
+LR_SCHEDULERS = ('cosine', 'linear', 'step', 'multistep')
+CACHE_MODES = ('no', 'part', 'full')
+AMP_DTYPES = ('bf16', 'fp16')
+
+
+def default_config() -> CN:
+    """A fresh, mutable copy of the defaults."""
+    return _C.clone()
+
+
+def _all_keys(node: CN, prefix: str = '') -> list[str]:
+    keys = []
+    for k, v in node.items():
+        keys.append(prefix + k)
+        if isinstance(v, CN):
+            keys.extend(_all_keys(v, prefix + k + '.'))
+    return keys
+
+
+def _unknown_key(full_key: str, source: str) -> ConfigError:
+    valid = _all_keys(_C)
+    close = difflib.get_close_matches(full_key.upper(), valid, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else '; see config.py for the valid keys'
+    return ConfigError(f"unknown config key '{full_key}' in {source}{hint}")
+
+
+# keys whose non-null default may be set to null to switch the feature off
+_NULLABLE = {'TRAIN.CLIP_GRAD'}
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _coerce(value: Any, default: Any, full_key: str, source: str) -> Any:
+    """Return `value` converted to the type of `default`, or raise ConfigError.
+
+    Stricter than a cast (no str -> int, no int -> bool) but friendlier than yacs:
+    an int is accepted where a float is expected, a number where a string is, and a
+    list where a tuple is. null is accepted where the default is null or the key is
+    one that null switches off.
+    """
+    if default is None or (value is None and full_key in _NULLABLE):
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(default, float):
+                return float(value)
+            if isinstance(value, int) or float(value).is_integer():
+                return int(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(default, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            sample = [d for d in default if d is not None]
+            if sample:
+                value = [_coerce(v, sample[0], full_key, source) for v in value]
+            return type(default)(value)
+    raise ConfigError(
+        f"config key '{full_key}' expects {_type_name(default)} (like {default!r}), "
+        f"got {value!r} ({_type_name(value)}) in {source}")
+
+
+def _decode(value: Any) -> Any:
+    """Strings from the command line or YAML that spell a Python literal become that literal."""
+    if isinstance(value, str):
+        return CN._decode_cfg_value(value)
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _merge_mapping(node: CN, data: dict, source: str, prefix: str = '') -> None:
+    for key, value in data.items():
+        full_key = prefix + str(key)
+        if key not in node:
+            raise _unknown_key(full_key, source)
+        current = node[key]
+        if isinstance(current, CN):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full_key}' is a section and needs a mapping, "
+                                  f"got {value!r} in {source}")
+            _merge_mapping(current, value, source, full_key + '.')
+        else:
+            if isinstance(value, dict):
+                raise ConfigError(f"config key '{full_key}' is a value, not a section, in {source}")
+            node[key] = _coerce(_decode(value), current, full_key, source)
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, 'r') as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' at line {mark.line + 1}' if mark is not None else ''
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise ConfigError(f"cannot parse YAML file '{path}'{where}: {problem}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {_type_name(data)}")
+    return data
+
+
+def merge_config_file(config: CN, cfg_file: str, _chain: tuple[str, ...] = ()) -> None:
+    """Merge a YAML file into `config`, its `BASE:` files first (relative to the file)."""
+    path = os.path.abspath(cfg_file)
+    if path in _chain:
+        raise ConfigError(f"config file '{cfg_file}' includes itself through BASE")
+    if not os.path.isfile(path):
+        if _chain:
+            raise ConfigError(f"BASE file '{cfg_file}' named in '{_chain[-1]}' does not exist")
+        raise ConfigError(f"config file '{cfg_file}' does not exist (check --cfg)")
+    data = _read_yaml(path)
+    bases = data.pop('BASE', [''])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list):
+        raise ConfigError(f"BASE in '{cfg_file}' must be a list of file names")
+    for base in bases:
+        if base:
+            merge_config_file(config, os.path.join(os.path.dirname(path), base), _chain + (path,))
+    _merge_mapping(config, data, f"'{cfg_file}'")
+
+
+def merge_opts(config: CN, opts: list[str]) -> None:
+    """Merge `--opts KEY VALUE [KEY VALUE ...]`."""
+    if len(opts) % 2:
+        raise ConfigError(f"--opts needs KEY VALUE pairs; '{opts[-1]}' has no value")
+    for full_key, value in zip(opts[0::2], opts[1::2]):
+        *path, last = full_key.split('.')
+        node = config
+        for part in path:
+            if part not in node or not isinstance(node[part], CN):
+                raise _unknown_key(full_key, '--opts')
+            node = node[part]
+        if last not in node:
+            raise _unknown_key(full_key, '--opts')
+        if isinstance(node[last], CN):
+            raise ConfigError(f"--opts key '{full_key}' is a section; name one of its keys")
+        node[last] = _coerce(_decode(value), node[last], full_key, '--opts')
+
+
+# flag attribute -> config key, for flags whose value is copied when given
+_VALUE_FLAGS = {
+    'batch_size': 'DATA.BATCH_SIZE',
+    'data_path': 'DATA.DATA_PATH',
+    'cache_mode': 'DATA.CACHE_MODE',
+    'pretrained': 'MODEL.PRETRAINED',
+    'resume': 'MODEL.RESUME',
+    'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS',
+    'output': 'OUTPUT',
+    'tag': 'TAG',
+    'optim': 'TRAIN.OPTIMIZER.NAME',
+}
+# store_true flag attribute -> (config key, value it sets)
+_SWITCH_FLAGS = {
+    'zip': ('DATA.ZIP_MODE', True),
+    'use_checkpoint': ('TRAIN.USE_CHECKPOINT', True),
+    'disable_amp': ('AMP_ENABLE', False),
+    'eval': ('EVAL_MODE', True),
+    'throughput': ('THROUGHPUT_MODE', True),
+    'fused_window_process': ('FUSED_WINDOW_PROCESS', True),
+    'fused_layernorm': ('FUSED_LAYERNORM', True),
+}
+
+
+def _set(config: CN, full_key: str, value: Any) -> None:
+    *path, last = full_key.split('.')
+    node = config
+    for part in path:
+        node = node[part]
+    node[last] = value
+
+
+def _get(config: CN, full_key: str) -> Any:
+    node = config
+    for part in full_key.split('.'):
+        node = node[part]
+    return node
+
+
+def merge_flags(config: CN, args: argparse.Namespace) -> None:
+    """Copy the official convenience flags into `config`; a flag not given changes nothing."""
+    for attr, key in _VALUE_FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            _set(config, key, _coerce(value, _get(config, key), key, f'--{attr.replace("_", "-")}'))
+    for attr, (key, value) in _SWITCH_FLAGS.items():
+        if getattr(args, attr, False):
+            _set(config, key, value)
+    if getattr(args, 'amp_opt_level', None) == 'O0':
+        config.AMP_ENABLE = False
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_choice(value: str, choices: Iterable[str], key: str) -> None:
+    choices = tuple(choices)
+    if str(value).lower() not in choices:
+        close = difflib.get_close_matches(str(value).lower(), choices, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ''
+        raise ConfigError(f"{key} '{value}' is not one of {', '.join(choices)}{hint}")
+
+
+def _check_positive(value: Any, key: str) -> None:
+    _check(isinstance(value, (int, float)) and value > 0, f"{key} must be positive, got {value!r}")
+
+
+def _check_rate(value: Any, key: str) -> None:
+    _check(0.0 <= value < 1.0, f"{key} must be in [0, 1), got {value!r}")
+
+
+def validate_config(config: CN) -> None:
+    """Reject values that would fail later, deep inside model or data code."""
+    _check_choice(config.MODEL.TYPE, MODEL_TYPES, 'MODEL.TYPE')
+    _check_positive(config.DATA.IMG_SIZE, 'DATA.IMG_SIZE')
+    _check_positive(config.DATA.BATCH_SIZE, 'DATA.BATCH_SIZE')
+    _check(config.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be >= 0, got {config.DATA.NUM_WORKERS}")
+    _check_choice(config.DATA.CACHE_MODE, CACHE_MODES, 'DATA.CACHE_MODE')
+    _check_positive(config.TRAIN.EPOCHS, 'TRAIN.EPOCHS')
+    _check(config.TRAIN.WARMUP_EPOCHS >= 0,
+           f"TRAIN.WARMUP_EPOCHS must be >= 0, got {config.TRAIN.WARMUP_EPOCHS}")
+    _check(config.TRAIN.ACCUMULATION_STEPS >= 1,
+           f"TRAIN.ACCUMULATION_STEPS must be >= 1, got {config.TRAIN.ACCUMULATION_STEPS}")
+    _check(config.MODEL.NUM_CLASSES >= 0, f"MODEL.NUM_CLASSES must be >= 0, got {config.MODEL.NUM_CLASSES}")
+    _check_rate(config.MODEL.DROP_RATE, 'MODEL.DROP_RATE')
+    _check_rate(config.MODEL.DROP_PATH_RATE, 'MODEL.DROP_PATH_RATE')
+    _check_rate(config.MODEL.LABEL_SMOOTHING, 'MODEL.LABEL_SMOOTHING')
+    _check_choice(config.TRAIN.OPTIMIZER.NAME, OPTIMIZERS, 'TRAIN.OPTIMIZER.NAME')
+    _check_choice(config.TRAIN.LR_SCHEDULER.NAME, LR_SCHEDULERS, 'TRAIN.LR_SCHEDULER.NAME')
+    _check_choice(config.AMP_DTYPE, AMP_DTYPES, 'AMP_DTYPE')
+    _validate_architecture(config.MODEL.SWIN, 'MODEL.SWIN')
+
+
+def _validate_architecture(arch: CN, section: str) -> None:
+    for name in ('PATCH_SIZE', 'WINDOW_SIZE', 'EMBED_DIM', 'IN_CHANS', 'MLP_RATIO'):
+        _check_positive(arch[name], f'{section}.{name}')
+    depths, heads = list(arch.DEPTHS), list(arch.NUM_HEADS)
+    _check(len(depths) > 0, f"{section}.DEPTHS must list at least one stage")
+    _check(len(depths) == len(heads),
+           f"{section}.DEPTHS has {len(depths)} stages but {section}.NUM_HEADS has {len(heads)}; "
+           f"give one head count per stage")
+    _check(all(d > 0 for d in depths), f"{section}.DEPTHS must be positive, got {depths}")
+    for i, h in enumerate(heads):
+        dim = arch.EMBED_DIM * 2 ** i
+        _check(h > 0 and dim % h == 0,
+               f"{section}.NUM_HEADS[{i}]={h} must divide the stage width {dim} "
+               f"({section}.EMBED_DIM * 2^{i})")
+
+
+def get_config(args: argparse.Namespace) -> CN:
+    """Defaults <- YAML (with BASE) <- --opts <- flags; validated and frozen.
+
+    `args` needs `cfg`; every other attribute is optional, so callers may pass a minimal
+    Namespace. The output folder becomes OUTPUT/MODEL.NAME/TAG as in the official code.
+    """
+    config = default_config()
+    cfg_file = getattr(args, 'cfg', None)
+    if not cfg_file:
+        raise ConfigError('--cfg FILE is required (for example configs/swin_tiny_patch4_window7_224.yaml)')
+    merge_config_file(config, cfg_file)
+    if getattr(args, 'opts', None):
+        merge_opts(config, list(args.opts))
+    merge_flags(config, args)
+    config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', 0))
+    config.TRAIN.OPTIMIZER.NAME = config.TRAIN.OPTIMIZER.NAME.lower()
+    config.TRAIN.LR_SCHEDULER.NAME = config.TRAIN.LR_SCHEDULER.NAME.lower()
+    config.AMP_DTYPE = config.AMP_DTYPE.lower()
+    validate_config(config)
+    config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    config.freeze()
+    return config

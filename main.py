@@ -1,0 +1,156 @@
+"""Command-line entry: flags -> validated config -> model -> the requested mode.
+
+This version builds the configured model, logs its size and cost, and runs the
+`--throughput` measurement on synthetic images; training and `--eval` arrive with the
+data pipeline and the training engine.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from config import ConfigError, get_config
+from logger import create_logger
+from models import build_model
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a mistake as one ConfigError line instead of usage + exit."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The official Swin command line (flags not given leave the YAML untouched)."""
+    p = _ArgumentParser('Swin Transformer training and evaluation')
+    p.add_argument('--cfg', type=str, required=True, metavar='FILE', help='path to the config YAML')
+    p.add_argument('--opts', nargs='+', default=None, metavar='KEY VALUE',
+                   help='override config keys: --opts TRAIN.EPOCHS 100 DATA.IMG_SIZE 256')
+    p.add_argument('--batch-size', type=int, help='batch size per process')
+    p.add_argument('--data-path', type=str, help='path to the dataset')
+    p.add_argument('--zip', action='store_true', help='read the dataset from zip files')
+    p.add_argument('--cache-mode', type=str, choices=['no', 'full', 'part'],
+                   help='no: no cache; full: cache all data; part: cache this rank\'s shard only')
+    p.add_argument('--pretrained', help='pretrained weights to start from')
+    p.add_argument('--resume', help='checkpoint to resume from')
+    p.add_argument('--accumulation-steps', type=int, help='gradient accumulation steps')
+    p.add_argument('--use-checkpoint', action='store_true', help='activation checkpointing to save memory')
+    p.add_argument('--disable_amp', action='store_true', help='train and evaluate in fp32')
+    p.add_argument('--amp-opt-level', type=str, choices=['O0', 'O1', 'O2'],
+                   help='deprecated apex flag; O0 disables AMP, the others change nothing')
+    p.add_argument('--output', type=str, metavar='PATH', help='output root (default: output)')
+    p.add_argument('--tag', help='experiment tag, the last folder of the output path')
+    p.add_argument('--eval', action='store_true', help='evaluate only')
+    p.add_argument('--throughput', action='store_true', help='measure inference throughput only')
+    p.add_argument('--fused_window_process', action='store_true',
+                   help='accepted for compatibility; window attention is always fused here')
+    p.add_argument('--fused_layernorm', action='store_true',
+                   help='accepted for compatibility; LayerNorm is always torch\'s fused kernel')
+    p.add_argument('--optim', type=str, help='optimizer name, overrides TRAIN.OPTIMIZER.NAME')
+    # Launchers pass these; rank and world size come from the environment instead.
+    p.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_option(argv: Optional[Sequence[str]] = None):
+    """Parse flags and build the frozen config. Raises ConfigError on any user mistake."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0]
+        known = [s for a in parser._actions for s in a.option_strings if s.startswith('--')]
+        close = difflib.get_close_matches(flag.split('=')[0], known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else '; see --help'
+        raise ConfigError(f"unknown argument '{flag}'{hint}")
+    return args, get_config(args)
+
+
+def select_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    return torch.device('cpu')
+
+
+def autocast_context(config, device: torch.device):
+    """Autocast in the configured dtype, or nothing when AMP is off."""
+    if not config.AMP_ENABLE:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if config.AMP_DTYPE == 'bf16' else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def write_config(config, output_dir: str) -> None:
+    """Save the merged config as YAML (atomically: a crash never leaves half a file)."""
+    path = os.path.join(output_dir, 'config.yaml')
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(config.dump())
+    os.replace(tmp, path)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def throughput(model: torch.nn.Module, config, device: torch.device, logger) -> float:
+    """Inference images/s on a synthetic batch of the configured size (official procedure:
+    warm up, then time repeated forwards; fewer repetitions on CPU)."""
+    model.eval()
+    batch = config.DATA.BATCH_SIZE
+    size = config.DATA.IMG_SIZE
+    images = torch.randn(batch, config.MODEL.SWIN.IN_CHANS, size, size, device=device)
+    warmup, timed = (50, 30) if device.type == 'cuda' else (2, 5)
+    with autocast_context(config, device):
+        for _ in range(warmup):
+            model(images)
+        _synchronize(device)
+        logger.info(f'throughput averaged over {timed} batches')
+        tic = time.perf_counter()
+        for _ in range(timed):
+            model(images)
+        _synchronize(device)
+    rate = timed * batch / (time.perf_counter() - tic)
+    precision = config.AMP_DTYPE if config.AMP_ENABLE else 'fp32'
+    logger.info(f'batch_size {batch} throughput {rate:.1f} images/s ({device.type}, {precision}, synthetic input)')
+    return rate
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args, config = parse_option(argv)
+    except ConfigError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+
+    os.makedirs(config.OUTPUT, exist_ok=True)
+    logger = create_logger(config.OUTPUT, dist_rank=0, name=config.MODEL.NAME)
+    write_config(config, config.OUTPUT)
+    logger.info(f'config written to {os.path.join(config.OUTPUT, "config.yaml")}')
+
+    if not config.THROUGHPUT_MODE:
+        mode = 'evaluation (--eval)' if config.EVAL_MODE else 'training'
+        logger.error(f'{mode} needs the data pipeline and training engine, which this version does '
+                     f'not have yet; --throughput works now')
+        return 2
+
+    device = select_device()
+    model = build_model(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f'model {config.MODEL.NAME}: {n_params / 1e6:.2f}M parameters, '
+                f'{model.flops() / 1e9:.2f} GFLOPs at {config.DATA.IMG_SIZE}px, device {device}')
+    throughput(model, config, device, logger)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

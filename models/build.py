@@ -1,0 +1,32 @@
+"""Build the model named by MODEL.TYPE from a validated config."""
+from __future__ import annotations
+
+import torch.nn as nn
+from yacs.config import CfgNode
+
+from .swin_transformer import SwinTransformer
+
+
+def build_model(config: CfgNode, is_pretrain: bool = False) -> nn.Module:
+    """`is_pretrain` is accepted for signature compatibility with the official code."""
+    model_type = config.MODEL.TYPE
+    if model_type == 'swin':
+        s = config.MODEL.SWIN
+        return SwinTransformer(
+            img_size=config.DATA.IMG_SIZE,
+            patch_size=s.PATCH_SIZE,
+            in_chans=s.IN_CHANS,
+            num_classes=config.MODEL.NUM_CLASSES,
+            embed_dim=s.EMBED_DIM,
+            depths=list(s.DEPTHS),
+            num_heads=list(s.NUM_HEADS),
+            window_size=s.WINDOW_SIZE,
+            mlp_ratio=s.MLP_RATIO,
+            qkv_bias=s.QKV_BIAS,
+            qk_scale=s.QK_SCALE,
+            drop_rate=config.MODEL.DROP_RATE,
+            drop_path_rate=config.MODEL.DROP_PATH_RATE,
+            ape=s.APE,
+            patch_norm=s.PATCH_NORM,
+            use_checkpoint=config.TRAIN.USE_CHECKPOINT)
+    raise ValueError(f"unknown model type '{model_type}'")  # validate_config rejects it first
