@@ -367,7 +367,7 @@ class SwinTransformer(nn.Module):
         self.pos_drop = nn.Dropout(p=drop_rate)
 
         # stochastic depth rate grows linearly over all blocks
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu')]
         self.layers = nn.ModuleList()
         res = self.patches_resolution
         for i in range(self.num_layers):
