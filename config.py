@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 from typing import Any, Iterable
 
@@ -277,12 +278,15 @@ def _coerce(value: Any, default: Any, full_key: str, source: str) -> Any:
         f"got {value!r} ({_type_name(value)}) in {source}")
 
 
-def _decode(value: Any) -> Any:
-    """Strings from the command line or YAML that spell a Python literal become that literal."""
+def _decode(value: Any, default: Any) -> Any:
+    """Strings from the command line or YAML that spell a Python literal become that literal,
+    except for keys that hold text (a TAG of '1e-3' stays '1e-3')."""
+    if isinstance(default, str):
+        return value
     if isinstance(value, str):
         return CN._decode_cfg_value(value)
     if isinstance(value, list):
-        return [_decode(v) for v in value]
+        return [_decode(v, None) for v in value]
     return value
 
 
@@ -300,7 +304,7 @@ def _merge_mapping(node: CN, data: dict, source: str, prefix: str = '') -> None:
         else:
             if isinstance(value, dict):
                 raise ConfigError(f"config key '{full_key}' is a value, not a section, in {source}")
-            node[key] = _coerce(_decode(value), current, full_key, source)
+            node[key] = _coerce(_decode(value, current), current, full_key, source)
 
 
 def _read_yaml(path: str) -> dict:
@@ -357,7 +361,7 @@ def merge_opts(config: CN, opts: list[str]) -> None:
             raise _unknown_key(full_key, '--opts')
         if isinstance(node[last], CN):
             raise ConfigError(f"--opts key '{full_key}' is a section; name one of its keys")
-        node[last] = _coerce(_decode(value), node[last], full_key, '--opts')
+        node[last] = _coerce(_decode(value, node[last]), node[last], full_key, '--opts')
 
 
 # flag attribute -> config key, for flags whose value is copied when given
@@ -433,9 +437,15 @@ def _check_rate(value: Any, key: str) -> None:
     _check(0.0 <= value < 1.0, f"{key} must be in [0, 1), got {value!r}")
 
 
+def _check_non_negative(value: Any, key: str) -> None:
+    _check(math.isfinite(value) and value >= 0, f"{key} must be a finite number >= 0, got {value!r}")
+
+
 def validate_config(config: CN) -> None:
     """Reject values that would fail later, deep inside model or data code."""
     _check_choice(config.MODEL.TYPE, MODEL_TYPES, 'MODEL.TYPE')
+    _check(bool(config.MODEL.NAME.strip()), 'MODEL.NAME must not be empty: it names the output folder')
+    _check(bool(config.TAG.strip()), 'TAG must not be empty: it names the output folder')
     _check_positive(config.DATA.IMG_SIZE, 'DATA.IMG_SIZE')
     _check_positive(config.DATA.BATCH_SIZE, 'DATA.BATCH_SIZE')
     _check(config.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be >= 0, got {config.DATA.NUM_WORKERS}")
@@ -449,6 +459,10 @@ def validate_config(config: CN) -> None:
     _check_rate(config.MODEL.DROP_RATE, 'MODEL.DROP_RATE')
     _check_rate(config.MODEL.DROP_PATH_RATE, 'MODEL.DROP_PATH_RATE')
     _check_rate(config.MODEL.LABEL_SMOOTHING, 'MODEL.LABEL_SMOOTHING')
+    for key in ('BASE_LR', 'WARMUP_LR', 'MIN_LR', 'WEIGHT_DECAY'):
+        _check_non_negative(config.TRAIN[key], f'TRAIN.{key}')
+    if config.TRAIN.CLIP_GRAD is not None:  # 0 or null: no clipping
+        _check_non_negative(config.TRAIN.CLIP_GRAD, 'TRAIN.CLIP_GRAD')
     _check_choice(config.TRAIN.OPTIMIZER.NAME, OPTIMIZERS, 'TRAIN.OPTIMIZER.NAME')
     _check_choice(config.TRAIN.LR_SCHEDULER.NAME, LR_SCHEDULERS, 'TRAIN.LR_SCHEDULER.NAME')
     _check_choice(config.AMP_DTYPE, AMP_DTYPES, 'AMP_DTYPE')

@@ -2,23 +2,18 @@
 
 This version builds the configured model, logs its size and cost, and runs the
 `--throughput` measurement on synthetic images; training and `--eval` arrive with the
-data pipeline and the training engine.
+data pipeline and the training engine. Flags and config are checked before torch is
+imported, so a mistake is reported at once.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
-import torch
-
 from config import ConfigError, get_config
-from logger import create_logger
-from models import build_model
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -60,69 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_option(argv: Optional[Sequence[str]] = None):
     """Parse flags and build the frozen config. Raises ConfigError on any user mistake."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = unknown[0]
+        if _is_number(flag):  # argparse reads '-1e-3' as a flag, not as a negative number
+            raise ConfigError(f"argument '{flag}' was read as a flag; write the negative number "
+                              f"without an exponent (for example -0.001)")
         known = [s for a in parser._actions for s in a.option_strings if s.startswith('--')]
         close = difflib.get_close_matches(flag.split('=')[0], known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else '; see --help'
         raise ConfigError(f"unknown argument '{flag}'{hint}")
     return args, get_config(args)
-
-
-def select_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-    return torch.device('cpu')
-
-
-def autocast_context(config, device: torch.device):
-    """Autocast in the configured dtype, or nothing when AMP is off."""
-    if not config.AMP_ENABLE:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if config.AMP_DTYPE == 'bf16' else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def write_config(config, output_dir: str) -> None:
-    """Save the merged config as YAML (atomically: a crash never leaves half a file)."""
-    path = os.path.join(output_dir, 'config.yaml')
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(config.dump())
-    os.replace(tmp, path)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def throughput(model: torch.nn.Module, config, device: torch.device, logger) -> float:
-    """Inference images/s on a synthetic batch of the configured size (official procedure:
-    warm up, then time repeated forwards; fewer repetitions on CPU)."""
-    model.eval()
-    batch = config.DATA.BATCH_SIZE
-    size = config.DATA.IMG_SIZE
-    images = torch.randn(batch, config.MODEL.SWIN.IN_CHANS, size, size, device=device)
-    warmup, timed = (50, 30) if device.type == 'cuda' else (2, 5)
-    with autocast_context(config, device):
-        for _ in range(warmup):
-            model(images)
-        _synchronize(device)
-        logger.info(f'throughput averaged over {timed} batches')
-        tic = time.perf_counter()
-        for _ in range(timed):
-            model(images)
-        _synchronize(device)
-    rate = timed * batch / (time.perf_counter() - tic)
-    precision = config.AMP_DTYPE if config.AMP_ENABLE else 'fp32'
-    logger.info(f'batch_size {batch} throughput {rate:.1f} images/s ({device.type}, {precision}, synthetic input)')
-    return rate
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -132,9 +86,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 2
 
+    import engine  # heavy imports (torch, timm) only once the command line is known to be valid
+    from logger import create_logger
+    from models import build_model
+
     os.makedirs(config.OUTPUT, exist_ok=True)
     logger = create_logger(config.OUTPUT, dist_rank=0, name=config.MODEL.NAME)
-    write_config(config, config.OUTPUT)
+    engine.write_config(config, config.OUTPUT)
     logger.info(f'config written to {os.path.join(config.OUTPUT, "config.yaml")}')
 
     if not config.THROUGHPUT_MODE:
@@ -143,12 +101,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      f'not have yet; --throughput works now')
         return 2
 
-    device = select_device()
+    device = engine.select_device()
     model = build_model(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f'model {config.MODEL.NAME}: {n_params / 1e6:.2f}M parameters, '
                 f'{model.flops() / 1e9:.2f} GFLOPs at {config.DATA.IMG_SIZE}px, device {device}')
-    throughput(model, config, device, logger)
+    engine.throughput(model, config, device, logger)
     return 0
 
 
