@@ -16,8 +16,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import to_2tuple, trunc_normal_
 from torch.utils.checkpoint import checkpoint
+
+from .layers import Mlp, add_drop_path, permute_tokens, window_attention
 
 # Value the official code adds to logits of token pairs that belong to different
 # regions of a shifted window; kept (rather than -inf) so outputs match bit for bit.
@@ -108,24 +110,14 @@ class WindowAttention(nn.Module):
         """x: (num_windows * B, N, C); mask: (num_windows, N, N) additive, or None."""
         if not self.fused:
             return self._forward_plain(x, mask)
-        B_, N, C = x.shape
-        nh, hd = self.num_heads, C // self.num_heads
-        qkv = self.qkv(x)
-        bias = self.relative_position_bias()
-        if mask is None:
-            q, k, v = qkv.view(B_, N, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
-            attn_mask = bias.unsqueeze(0)
-        else:
-            # Windows go into the head dimension, so one (num_windows * heads, N, N) mask
-            # broadcasts over the batch instead of being copied for every image.
+        N = x.shape[1]
+        attn_mask = self.relative_position_bias().unsqueeze(0)
+        nw = 1
+        if mask is not None:
             nw = mask.shape[0]
-            q, k, v = (qkv.view(B_ // nw, nw, N, 3, nh, hd).permute(3, 0, 1, 4, 2, 5)
-                       .reshape(3, B_ // nw, nw * nh, N, hd).unbind(0))
-            attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(nw * nh, N, N)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask.to(q.dtype),
-            dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
-        out = out.view(B_, nh, N, hd).transpose(1, 2).reshape(B_, N, C)
+            attn_mask = (attn_mask + mask.unsqueeze(1)).reshape(1, nw * self.num_heads, N, N)
+        out = window_attention(self.qkv(x), attn_mask, self.num_heads, nw, self.scale,
+                               self.attn_drop.p if self.training else 0.)
         return self.proj_drop(self.proj(out))
 
     def _forward_plain(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -172,7 +164,7 @@ class SwinTransformerBlock(nn.Module):
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttention(dim, to_2tuple(window_size), num_heads, qkv_bias=qkv_bias,
                                     qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.drop_path_prob = drop_path
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
@@ -180,7 +172,7 @@ class SwinTransformerBlock(nn.Module):
         mask = shifted_window_mask(*self._mask_size, window_size, shift_size) if shift_size else None
         # Persistent like the official `attn_mask`, so official checkpoints load strictly.
         self.register_buffer('attn_mask', mask)
-        self._mask_cache: dict[tuple, torch.Tensor] = {}
+        self._layouts: dict[tuple, tuple] = {}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The mask is derived from resolution and shift; keep ours whatever the file holds
@@ -192,15 +184,32 @@ class SwinTransformerBlock(nn.Module):
             state_dict[key] = self.attn_mask
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def shift_mask(self, Hp: int, Wp: int, device: torch.device) -> torch.Tensor:
-        """The shift mask for a padded map of Hp x Wp, built once per size and device."""
-        mask = self.attn_mask
-        if mask is not None and (Hp, Wp) == self._mask_size and mask.device == device:
-            return mask
-        key = (Hp, Wp, device)
-        if key not in self._mask_cache:
-            self._mask_cache[key] = shifted_window_mask(Hp, Wp, self.window_size, self.shift_size, device)
-        return self._mask_cache[key]
+    def window_layout(self, Hp: int, Wp: int, shift: int, device: torch.device):
+        """(index, inverse, mask) for a padded Hp x Wp map, built once per size and device.
+
+        `index[k]` is the raster position of the k-th token in (cyclically shifted) window
+        order, so one gather does the shift and the window partition together; `inverse`
+        undoes both. Both are None when the order is already raster order (no shift and
+        windows as wide as the map). `mask` is the shift mask, or None without a shift.
+        """
+        key = (Hp, Wp, shift, device)
+        layout = self._layouts.get(key)
+        if layout is None:
+            ws = self.window_size
+            index = inverse = mask = None
+            if shift or Wp != ws:
+                grid = torch.arange(Hp * Wp, device=device).view(1, Hp, Wp, 1)
+                if shift:
+                    grid = torch.roll(grid, shifts=(-shift, -shift), dims=(1, 2))
+                index = window_partition(grid, ws).reshape(-1)
+                inverse = torch.empty_like(index)
+                inverse[index] = torch.arange(index.numel(), device=device)
+            if shift:
+                own = self.attn_mask
+                reuse = own is not None and (Hp, Wp) == self._mask_size and own.device == device
+                mask = own if reuse else shifted_window_mask(Hp, Wp, ws, shift, device)
+            layout = self._layouts[key] = (index, inverse, mask)
+        return layout
 
     def forward(self, x: torch.Tensor, H: Optional[int] = None, W: Optional[int] = None) -> torch.Tensor:
         """x: (B, H*W, C) -> (B, H*W, C). H, W default to the construction resolution."""
@@ -208,25 +217,21 @@ class SwinTransformerBlock(nn.Module):
             H, W = self.input_resolution
         B, L, C = x.shape
         ws = self.window_size
-        shortcut = x
-        x = self.norm1(x).view(B, H, W, C)
+        x_norm = self.norm1(x)
         pad_b, pad_r = -H % ws, -W % ws
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        if pad_b or pad_r:  # padded after the norm, as the official backbone does
+            x_norm = F.pad(x_norm.view(B, H, W, C), (0, 0, 0, pad_r, 0, pad_b)).view(B, -1, C)
         Hp, Wp = H + pad_b, W + pad_r
         # A map no larger than the window at this size gets one window and no shift.
         shift = self.shift_size if min(H, W) > ws else 0
-        if shift:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-        windows = window_partition(x, ws).view(-1, ws * ws, C)
-        windows = self.attn(windows, self.shift_mask(Hp, Wp, x.device) if shift else None)
-        x = window_reverse(windows.view(-1, ws, ws, C), ws, Hp, Wp)
-        if shift:
-            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        index, inverse, mask = self.window_layout(Hp, Wp, shift, x.device)
+        windows = x_norm if index is None else permute_tokens(x_norm, index, inverse)
+        windows = self.attn(windows.reshape(-1, ws * ws, C), mask).view(B, Hp * Wp, C)
+        y = windows if index is None else permute_tokens(windows, inverse, index)
         if pad_b or pad_r:
-            x = x[:, :H, :W, :]
-        x = shortcut + self.drop_path(x.reshape(B, L, C))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+            y = y.view(B, Hp, Wp, C)[:, :H, :W].reshape(B, L, C)
+        x = add_drop_path(x, y, self.drop_path_prob, self.training)
+        return add_drop_path(x, self.mlp(self.norm2(x)), self.drop_path_prob, self.training)
 
     def flops(self) -> float:
         H, W = self.input_resolution

@@ -1,0 +1,198 @@
+"""Building blocks that compute the textbook function with less memory traffic in eager mode.
+
+Each one returns exactly what its plain form returns; only where intermediate results
+live changes. On the CPU, where every fresh large tensor costs page faults, and on the
+GPU, where bandwidth is the limit outside the matrix multiplies, fewer passes and fewer
+allocations are measurable speed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _GeluMlpFunction(torch.autograd.Function):
+    """fc2(gelu(fc1(x))) whose backward writes gradients into the activations it saved.
+
+    Autograd's version allocates two fresh hidden-size tensors in backward (the gradient
+    of the GELU output and of its input). Here the GELU output buffer receives the first
+    and the GELU input buffer the second, since neither is needed once it is consumed.
+    Autocast is honoured by casting once in forward, as autocast itself would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            w1c, w2c = w1.to(dtype), w2.to(dtype)
+            h = torch.addmm(b1.to(dtype), x2, w1c.t())
+            a = F.gelu(h)
+            out = torch.addmm(b2.to(dtype), a, w2c.t())
+        ctx.save_for_backward(x2, w1c, w2c, h, a)
+        ctx.in_shape = x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x2, w1c, w2c, h, a = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(a.dtype)
+        gw2 = g.t().mm(a) if need_w2 else None
+        gb2 = g.sum(0) if need_b2 else None
+        ga = torch.mm(g, w2c, out=a)  # GELU output is no longer needed: reuse its memory
+        gh = torch.ops.aten.gelu_backward.grad_input(ga, h, grad_input=h)  # likewise its input
+        gw1 = gh.t().mm(x2) if need_w1 else None
+        gb1 = gh.sum(0) if need_b1 else None
+        gx = gh.mm(w1c).view(ctx.in_shape) if need_x else None
+        return gx, gw1, gb1, gw2, gb2
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout, with the official parameter names.
+
+    Training without dropout uses `_GeluMlpFunction`; inference applies GELU in place.
+    Under torch.compile the plain ops are used and the compiler fuses them.
+    """
+
+    def __init__(self, in_features: int, hidden_features: Optional[int] = None,
+                 out_features: Optional[int] = None, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+        self._exact_gelu = isinstance(self.act, nn.GELU) and self.act.approximate == 'none'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._exact_gelu and not torch.compiler.is_compiling():
+            if torch.is_grad_enabled() and (self.drop.p == 0 or not self.training):
+                return _GeluMlpFunction.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+            if not torch.is_grad_enabled():
+                h = self.fc1(x)
+                return self.fc2(torch.ops.aten.gelu.out(h, out=h))  # nothing keeps h: overwrite it
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class _TokenPermutation(torch.autograd.Function):
+    """Reorder tokens (dim 1) by a permutation; the gradient is reordered by its inverse.
+
+    `index_select`'s own backward scatters into a zero-filled tensor; for a permutation a
+    second gather is exact and does one pass instead of two.
+    """
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse, index)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, index = ctx.saved_tensors
+        return _TokenPermutation.apply(grad, inverse, index), None, None
+
+
+def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x[:, index], for a permutation `index` whose inverse is `inverse`."""
+    return _TokenPermutation.apply(x, index, inverse)
+
+
+def add_drop_path(x: torch.Tensor, branch: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """x + DropPath(branch) (stochastic depth, kept samples scaled by 1/keep) in one op."""
+    if drop_prob == 0. or not training:
+        return x + branch
+    keep = 1. - drop_prob
+    scale = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep).div_(keep)
+    return torch.addcmul(x, branch, scale)
+
+
+def _split_heads(qkv: torch.Tensor, num_heads: int, num_windows: int) -> torch.Tensor:
+    """(B*nW, N, 3C) -> (3, B, nW*heads, N, d): windows folded into the head dimension, so a
+    (1, nW*heads, N, N) mask broadcasts over the batch instead of being copied per image."""
+    BW, N, C3 = qkv.shape
+    d = C3 // (3 * num_heads)
+    t = qkv.view(BW // num_windows, num_windows, N, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5)
+    return t.reshape(3, BW // num_windows, num_windows * num_heads, N, d)
+
+
+def _merge_heads(out: torch.Tensor, num_windows: int) -> torch.Tensor:
+    """(B, nW*heads, N, d) -> (B*nW, N, heads*d)."""
+    B, G, N, d = out.shape
+    nh = G // num_windows
+    return out.view(B, num_windows, nh, N, d).transpose(2, 3).reshape(B * num_windows, N, nh * d)
+
+
+class _CpuWindowAttentionFunction(torch.autograd.Function):
+    """SDPA forward with a hand-written backward that also yields the mask's gradient.
+
+    On the CPU, SDPA's flash kernel cannot differentiate a learnable additive mask (the
+    relative position bias), so SDPA falls back to its math path and keeps every
+    attention matrix alive until backward. Here the forward is SDPA's flash kernel with
+    the mask treated as a constant; backward recomputes the probabilities (as flash
+    attention does) and reuses the saved q/k/v buffer for their gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, attn_mask, scale, num_heads, num_windows):
+        t = _split_heads(qkv, num_heads, num_windows).contiguous()
+        with torch.autocast('cpu', enabled=False):
+            out = F.scaled_dot_product_attention(t[0], t[1], t[2], attn_mask=attn_mask.detach().to(t.dtype),
+                                                 scale=scale)
+        ctx.save_for_backward(t, attn_mask)
+        ctx.scale, ctx.num_windows, ctx.qkv_dtype = scale, num_windows, qkv.dtype
+        return _merge_heads(out, num_windows)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        t, attn_mask = ctx.saved_tensors
+        scale, nw = ctx.scale, ctx.num_windows
+        math_dtype = torch.promote_types(t.dtype, torch.float32)  # softmax and its gradient in >= fp32
+        t = t.to(math_dtype)
+        _, B, G, N, d = t.shape
+        nh = G // nw
+        q, k, v = (t[i].view(B * G, N, d) for i in range(3))
+        p = torch.bmm(q, k.transpose(1, 2))
+        p.view(B, G, N, N).mul_(scale).add_(attn_mask)
+        p = torch.ops.aten._softmax.out(p, -1, False, out=p)
+        g = grad_out.to(math_dtype).view(B, nw, N, nh, d).transpose(2, 3).reshape(B * G, N, d)
+        dp = torch.bmm(g, v.transpose(1, 2))
+        torch.bmm(p.transpose(1, 2), g, out=v)  # dV into v's slot, v is no longer needed
+        ds = torch.ops.aten._softmax_backward_data.out(dp, p, -1, p.dtype, grad_input=dp)
+        grad_mask = ds.view(B, G, N, N).sum(0, keepdim=True) if ctx.needs_input_grad[1] else None
+        ds.mul_(scale)
+        dq = torch.bmm(ds, k)
+        torch.bmm(ds.transpose(1, 2), q, out=k)  # dK into k's slot once dQ has used k
+        q.copy_(dq)
+        grad_qkv = torch.empty(B * nw, N, 3 * nh * d, dtype=ctx.qkv_dtype, device=t.device)
+        grad_qkv.view(B, nw, N, 3, nh, d).copy_(t.view(3, B, nw, nh, N, d).permute(1, 2, 4, 0, 3, 5))
+        return grad_qkv, grad_mask, None, None, None
+
+
+def window_attention(qkv: torch.Tensor, attn_mask: torch.Tensor, num_heads: int, num_windows: int,
+                     scale: float, dropout_p: float = 0.) -> torch.Tensor:
+    """softmax(QK^T * scale + attn_mask) V for every window, through SDPA.
+
+    qkv: (B*nW, N, 3C) from the qkv projection; attn_mask: (1, nW*heads, N, N), the bias
+    and shift mask joined. Returns (B*nW, N, C) with the heads merged.
+    """
+    if (attn_mask.requires_grad and torch.is_grad_enabled() and qkv.device.type == 'cpu'
+            and dropout_p == 0. and not torch.compiler.is_compiling()):
+        return _CpuWindowAttentionFunction.apply(qkv, attn_mask, scale, num_heads, num_windows)
+    q, k, v = _split_heads(qkv, num_heads, num_windows).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=dropout_p, scale=scale)
+    return _merge_heads(out, num_windows)
