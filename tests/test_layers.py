@@ -149,3 +149,24 @@ def test_window_attention_bf16_gradients_follow_their_inputs():
     assert ((out.float() - ref).norm() / ref.norm()) < 2e-2
     assert ((gq.float() - gq_ref).norm() / gq_ref.norm()) < 3e-2
     assert ((gm - gm_ref).norm() / gm_ref.norm()) < 3e-2
+
+
+def test_mlp_reuses_its_buffers_across_steps_without_changing_results():
+    import copy
+    mlp = Mlp(8, 32).double().train()
+    params = list(mlp.parameters())
+    seen = set()
+    for step in range(3):
+        x = torch.randn(5, 8, dtype=torch.float64)
+        g = torch.randn(5, 8, dtype=torch.float64)
+        out, gx, gp = grads_of(mlp, params, x, g)
+        ref, rx, rp = grads_of(lambda t: plain_mlp(mlp, t), params, x, g)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(gx, rx)
+        for a, b in zip(gp, rp):
+            torch.testing.assert_close(a, b)
+        seen |= {b.data_ptr() for b in mlp.spares._free}
+    assert len(mlp.spares._free) == 2 and len(seen) == 2  # the same two buffers every step
+    assert copy.deepcopy(mlp).spares._free == []
+    mlp.eval()
+    assert mlp.spares._free == []
