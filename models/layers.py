@@ -31,8 +31,8 @@ class SpareBuffers:
     wait here for the next forward of the same layer. (The CUDA allocator caches already.)
     """
 
-    def __init__(self, enabled: bool = True, capacity: int = 2):
-        self.enabled, self.capacity = enabled, capacity
+    def __init__(self, capacity: int = 2):
+        self.capacity = capacity
         self._free: list[torch.Tensor] = []
 
     def take(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -43,19 +43,18 @@ class SpareBuffers:
         return torch.empty(shape, dtype=dtype, device=device)
 
     def give(self, *buffers: torch.Tensor) -> None:
-        if self.enabled:
-            for buf in buffers:
-                if buf.device.type == 'cpu' and len(self._free) < self.capacity:
-                    self._free.append(buf)
+        for buf in buffers:
+            if buf.device.type == 'cpu' and len(self._free) < self.capacity:
+                self._free.append(buf)
 
     def clear(self) -> None:
         self._free.clear()
 
     def __deepcopy__(self, memo):  # a copied model (EMA, say) starts with no spares
-        return SpareBuffers(self.enabled, self.capacity)
+        return SpareBuffers(self.capacity)
 
     def __getstate__(self):
-        return {'enabled': self.enabled, 'capacity': self.capacity, '_free': []}
+        return {'capacity': self.capacity, '_free': []}
 
 
 class _GeluMlpFunction(torch.autograd.Function):

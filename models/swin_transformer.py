@@ -1,9 +1,12 @@
 """Swin Transformer V1 (Liu et al., ICCV 2021) with the official parameter names and shapes.
 
 Differences from the official classification code, none of which change the function:
-- window attention runs through `scaled_dot_product_attention`, with the relative
-  position bias and the shifted-window mask joined into one additive mask; the shift
-  mask is built once per (padded) input resolution and device, then reused;
+- window attention runs through `scaled_dot_product_attention` (see `layers.window_attention`),
+  with the relative position bias and the shifted-window mask joined into one additive
+  mask; the shift mask and the window token order are built once per (padded) input
+  resolution and device, then reused;
+- the cyclic shift and the window partition are one token gather (and their inverses
+  another) instead of a roll and a permuted copy each;
 - inputs of any size run: feature maps are padded to whole windows per stage, as the
   official detection/segmentation backbone does;
 - `forward_features(x, return_stages=True)` returns the four stage maps for use as a
@@ -70,9 +73,9 @@ def shifted_window_mask(H: int, W: int, window_size: int, shift_size: int,
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows with a learned relative position bias.
 
-    `fused = True` computes softmax(QK^T * scale + B + M) V with one
-    `scaled_dot_product_attention` call; `fused = False` is the plain reference path
-    of the official code (kept for tests).
+    `fused = True` computes softmax(QK^T * scale + B + M) V for all windows and heads in
+    one attention call (`layers.window_attention`: SDPA, with faster CPU kernels where
+    measured); `fused = False` is the plain reference path of the official code.
     """
 
     fused: bool = True

@@ -346,3 +346,15 @@ def test_logits_match_timm_on_the_same_weights():
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert rel_err(ours(x), theirs(x)) < 1e-5
+
+
+@pytest.mark.parametrize('cfg', sorted(p for p in os.listdir(os.path.join(ROOT, 'configs')) if p.endswith('.yaml'))
+                         + ['demo/' + p for p in sorted(os.listdir(os.path.join(ROOT, 'configs', 'demo')))])
+def test_every_config_builds_its_model(cfg, tmp_path):
+    config = get_config(argparse.Namespace(cfg=os.path.join(ROOT, 'configs', cfg), output=str(tmp_path)))
+    with torch.device('meta'):
+        model = build_model(config)
+    s = config.MODEL.SWIN
+    assert model.embed_dim == s.EMBED_DIM and len(model.layers) == len(s.DEPTHS)
+    assert model.patch_embed.img_size == (config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
+    assert model.layers[0].blocks[0].window_size == min(s.WINDOW_SIZE, config.DATA.IMG_SIZE // s.PATCH_SIZE)
