@@ -188,24 +188,26 @@ def _merge_heads(out: torch.Tensor, num_windows: int) -> torch.Tensor:
 
 
 def _attention_probabilities(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor,
-                             scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) over (B, G, N, d) inputs, as (B*G, N, N) in fp32 or wider."""
+                             scale: float = 1.0) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) for (B, G, N, d) inputs, as (B*G, N, N) in their dtype
+    (for bf16/fp16 the softmax kernel accumulates in fp32)."""
     B, G, N, d = q.shape
     logits = torch.bmm(q.reshape(B * G, N, d), k.reshape(B * G, N, d).transpose(1, 2))
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logits.view(B, G, N, N).mul_(scale).add_(attn_mask)
+    if scale != 1.0:
+        logits.mul_(scale)
+    logits.view(B, G, N, N).add_(attn_mask.to(logits.dtype))
     return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
 
 def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
                    scale: float) -> torch.Tensor:
     """Forward attention on the CPU with the faster kernel for the dtype (measured on windows
-    of 49-144 tokens): SDPA's flash kernel in fp32; matmul + fp32 softmax in bf16/fp16,
-    where the flash kernel is about 1.5x slower."""
+    of 49-144 tokens): SDPA's flash kernel in fp32; matmul + softmax in bf16/fp16, where
+    the flash kernel is about 1.5x slower."""
     if q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype), scale=scale)
     B, G, N, d = q.shape
-    probs = _attention_probabilities(q, k, attn_mask, scale).to(q.dtype)
+    probs = _attention_probabilities(q, k, attn_mask, scale)
     return torch.bmm(probs, v.reshape(B * G, N, d)).view(B, G, N, d)
 
 
@@ -214,16 +216,17 @@ class _CpuWindowAttentionFunction(torch.autograd.Function):
 
     On the CPU, SDPA's flash kernel cannot differentiate the mask (the relative position
     bias), so SDPA falls back to its math path and keeps every attention matrix alive
-    until backward. Here the forward keeps nothing but q/k/v; backward recomputes the
-    probabilities (as flash attention does) and writes the q/k/v gradients into the
-    saved q/k/v buffer. Matrix products run in the input dtype, softmax in fp32.
+    until backward. Here the forward keeps nothing but q/k/v (q pre-scaled, in a copy
+    laid out for batched products); backward recomputes the probabilities (as flash
+    attention does) and writes the q/k/v gradients into that same buffer.
     """
 
     @staticmethod
     def forward(ctx, qkv, attn_mask, scale, num_heads, num_windows):
         t = _split_heads(qkv, num_heads, num_windows).contiguous()
+        t[0].mul_(scale)
         with torch.autocast('cpu', enabled=False):
-            out = _cpu_attention(t[0], t[1], t[2], attn_mask.detach(), scale)
+            out = _cpu_attention(t[0], t[1], t[2], attn_mask.detach(), 1.0)
         ctx.save_for_backward(t, attn_mask)
         ctx.scale, ctx.num_windows = scale, num_windows
         return _merge_heads(out, num_windows)
@@ -232,20 +235,21 @@ class _CpuWindowAttentionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         t, attn_mask = ctx.saved_tensors
-        scale, nw = ctx.scale, ctx.num_windows
+        nw = ctx.num_windows
         _, B, G, N, d = t.shape
         nh = G // nw
-        probs = _attention_probabilities(t[0], t[1], attn_mask, scale)
-        q, k, v = (t[i].view(B * G, N, d) for i in range(3))
+        probs = _attention_probabilities(t[0], t[1], attn_mask)
+        q, k, v = (t[i].view(B * G, N, d) for i in range(3))  # q is scaled
         g = grad_out.to(t.dtype).view(B, nw, N, nh, d).transpose(2, 3).reshape(B * G, N, d)
-        dp = torch.bmm(g, v.transpose(1, 2)).to(probs.dtype)
-        torch.bmm(probs.to(t.dtype).transpose(1, 2), g, out=v)  # dV into v's slot, v is no longer needed
+        dp = torch.bmm(g, v.transpose(1, 2))
+        torch.bmm(probs.transpose(1, 2), g, out=v)  # dV into v's slot, v is no longer needed
         ds = torch.ops.aten._softmax_backward_data.out(dp, probs, -1, probs.dtype, grad_input=dp)
-        grad_mask = ds.view(B, G, N, N).sum(0, keepdim=True) if ctx.needs_input_grad[1] else None
-        ds = ds.mul_(scale).to(t.dtype)
+        grad_mask = None
+        if ctx.needs_input_grad[1]:
+            grad_mask = ds.view(B, G, N, N).sum(0, keepdim=True, dtype=attn_mask.dtype)
         dq = torch.bmm(ds, k)
         torch.bmm(ds.transpose(1, 2), q, out=k)  # dK into k's slot once dQ has used k
-        q.copy_(dq)
+        torch.mul(dq, ctx.scale, out=q)
         grad_qkv = torch.empty(B * nw, N, 3 * nh * d, dtype=t.dtype, device=t.device)
         grad_qkv.view(B, nw, N, 3, nh, d).copy_(t.view(3, B, nw, nh, N, d).permute(1, 2, 4, 0, 3, 5))
         return grad_qkv, grad_mask, None, None, None

@@ -143,7 +143,11 @@ class WindowAttention(nn.Module):
 
 
 class SwinTransformerBlock(nn.Module):
-    """(Shifted-)window attention and an MLP, each with pre-norm and a residual."""
+    """(Shifted-)window attention and an MLP, each with pre-norm and a residual.
+
+    `fused_window_process` is accepted for the official signature; the fused path here
+    needs no switch.
+    """
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, window_size: int = 7,
                  shift_size: int = 0, mlp_ratio: float = 4., qkv_bias: bool = True,
@@ -176,6 +180,10 @@ class SwinTransformerBlock(nn.Module):
         # Persistent like the official `attn_mask`, so official checkpoints load strictly.
         self.register_buffer('attn_mask', mask)
         self._layouts: dict[tuple, tuple] = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        self._layouts.clear()  # .to()/.half() replace the mask buffer: rebuild the cache
+        return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The mask is derived from resolution and shift; keep ours whatever the file holds
