@@ -7,6 +7,7 @@ allocations are measurable speed.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -23,29 +24,32 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class SpareBuffers:
-    """Activation buffers kept from one training step to the next (CPU only).
+    """Scratch and activation buffers kept from one training step to the next (CPU only).
 
-    A new CPU tensor of tens of MB is fresh memory from the OS whose every page faults on
-    first touch; at ImageNet shapes that costs as long as the GELU computed into it.
-    The MLP's two hidden-size buffers are dead once its backward has used them, so they
-    wait here for the next forward of the same layer. (The CUDA allocator caches already.)
+    A new CPU tensor of a few MB or more is often fresh memory from the OS whose every
+    page faults on first touch; at ImageNet shapes that costs as much as the arithmetic
+    done in it. A layer's saved activations and scratch are dead once its backward has
+    run, so they wait here for the layer's next forward. (The CUDA allocator caches.)
     """
 
-    def __init__(self, capacity: int = 2):
+    def __init__(self, capacity: int):
         self.capacity = capacity
         self._free: list[torch.Tensor] = []
 
-    def take(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def take(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
         for i, buf in enumerate(self._free):
-            if buf.shape == shape and buf.dtype == dtype and buf.device == device:
-                return self._free.pop(i)
-        self._free.clear()  # another shape (last batch, new resolution): drop the stale ones
+            if buf.numel() == numel and buf.dtype == dtype and buf.device == device:
+                return self._free.pop(i).view(shape)
         return torch.empty(shape, dtype=dtype, device=device)
 
+    def cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`x` in `dtype`: itself when it already is, else a copy in a spare buffer."""
+        return x if x.dtype == dtype else self.take(x.shape, dtype, x.device).copy_(x)
+
     def give(self, *buffers: torch.Tensor) -> None:
-        for buf in buffers:
-            if buf.device.type == 'cpu' and len(self._free) < self.capacity:
-                self._free.append(buf)
+        self._free.extend(b for b in buffers if b.device.type == 'cpu' and b.is_contiguous())
+        del self._free[:max(len(self._free) - self.capacity, 0)]  # keep the newest
 
     def clear(self) -> None:
         self._free.clear()
@@ -55,6 +59,12 @@ class SpareBuffers:
 
     def __getstate__(self):
         return {'capacity': self.capacity, '_free': []}
+
+
+def release_spares_in_eval(module: nn.Module, mode: bool) -> None:
+    """Called from `train()`: evaluation uses no spares, so give their memory back."""
+    if not mode:
+        module.spares.clear()
 
 
 class _GeluMlpFunction(torch.autograd.Function):
@@ -71,14 +81,15 @@ class _GeluMlpFunction(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, spares):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            w1c, w2c = w1.to(dtype), w2.to(dtype)
+            x2 = spares.cast(x.reshape(-1, x.shape[-1]), dtype)
+            w1c, w2c = spares.cast(w1, dtype), spares.cast(w2, dtype)
             hidden = (x2.shape[0], w1.shape[0])
             h = torch.addmm(b1.to(dtype), x2, w1c.t(), out=spares.take(hidden, dtype, x.device))
             a = torch.ops.aten.gelu.out(h, out=spares.take(hidden, dtype, x.device))
             out = torch.addmm(b2.to(dtype), a, w2c.t())
         ctx.save_for_backward(x2, w1c, w2c, h, a)
         ctx.in_shape, ctx.spares = x.shape, spares
+        ctx.cast_copies = (x.dtype != dtype, w1.dtype != dtype, w2.dtype != dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -94,7 +105,9 @@ class _GeluMlpFunction(torch.autograd.Function):
         gw1 = gh.t().mm(x2) if need_w1 else None
         gb1 = gh.sum(0) if need_b1 else None
         gx = gh.mm(w1c).view(ctx.in_shape) if need_x else None
-        ctx.spares.give(h, a)  # both dead now: the next forward of this layer reuses them
+        # all dead now: the next forward of this layer reuses them (not the caller's tensors)
+        copies = [t for t, copied in zip((x2, w1c, w2c), ctx.cast_copies) if copied]
+        ctx.spares.give(h, a, *copies)
         return gx, gw1, gb1, gw2, gb2, None
 
 
@@ -115,11 +128,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
         self._exact_gelu = isinstance(self.act, nn.GELU) and self.act.approximate == 'none'
-        self.spares = SpareBuffers()
+        self.spares = SpareBuffers(capacity=5)
 
     def train(self, mode: bool = True) -> 'Mlp':
-        if not mode:
-            self.spares.clear()  # evaluation does not use them: give the memory back
+        release_spares_in_eval(self, mode)
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,28 +199,42 @@ def _merge_heads(out: torch.Tensor, num_windows: int) -> torch.Tensor:
     return out.view(B, num_windows, nh, N, d).transpose(2, 3).reshape(B * num_windows, N, nh * d)
 
 
-def _attention_probabilities(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor,
-                             scale: float = 1.0) -> torch.Tensor:
+def _attention_probabilities(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor, scale: float = 1.0,
+                             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) for (B, G, N, d) inputs, as (B*G, N, N) in their dtype
     (for bf16/fp16 the softmax kernel accumulates in fp32)."""
     B, G, N, d = q.shape
-    logits = torch.bmm(q.reshape(B * G, N, d), k.reshape(B * G, N, d).transpose(1, 2))
+    logits = torch.bmm(q.reshape(B * G, N, d), k.reshape(B * G, N, d).transpose(1, 2), out=out)
     if scale != 1.0:
         logits.mul_(scale)
     logits.view(B, G, N, N).add_(attn_mask.to(logits.dtype))
     return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
 
-def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
-                   scale: float) -> torch.Tensor:
+def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, scale: float,
+                   spares: Optional[SpareBuffers] = None) -> torch.Tensor:
     """Forward attention on the CPU with the faster kernel for the dtype (measured on windows
     of 49-144 tokens): SDPA's flash kernel in fp32; matmul + softmax in bf16/fp16, where
     the flash kernel is about 1.5x slower."""
     if q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype), scale=scale)
     B, G, N, d = q.shape
-    probs = _attention_probabilities(q, k, attn_mask, scale)
-    return torch.bmm(probs, v.reshape(B * G, N, d)).view(B, G, N, d)
+    take = (lambda *shape: spares.take(shape, q.dtype, q.device)) if spares is not None else (lambda *shape: None)
+    probs = _attention_probabilities(q, k, attn_mask, scale, out=take(B * G, N, N))
+    out = torch.bmm(probs, v.reshape(B * G, N, d), out=take(B * G, N, d)).view(B, G, N, d)
+    if spares is not None:
+        spares.give(probs)
+    return out
+
+
+def _sum_over_batch(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x.sum(0, keepdim=True) accumulated in `dtype` without first copying all of x to it."""
+    if x.dtype == dtype:
+        return x.sum(0, keepdim=True)
+    total = x[:1].to(dtype)
+    for i in range(1, x.shape[0]):
+        total.add_(x[i:i + 1])
+    return total
 
 
 class _CpuWindowAttentionFunction(torch.autograd.Function):
@@ -218,45 +244,56 @@ class _CpuWindowAttentionFunction(torch.autograd.Function):
     bias), so SDPA falls back to its math path and keeps every attention matrix alive
     until backward. Here the forward keeps nothing but q/k/v (q pre-scaled, in a copy
     laid out for batched products); backward recomputes the probabilities (as flash
-    attention does) and writes the q/k/v gradients into that same buffer.
+    attention does) and writes the q/k/v gradients into that same buffer. Scratch and
+    the q/k/v buffer come from, and go back to, the layer's `spares`.
     """
 
     @staticmethod
-    def forward(ctx, qkv, attn_mask, scale, num_heads, num_windows):
-        t = _split_heads(qkv, num_heads, num_windows).contiguous()
+    def forward(ctx, qkv, attn_mask, scale, num_heads, num_windows, spares):
+        BW, N, C3 = qkv.shape
+        nh, nw = num_heads, num_windows
+        B, d = BW // nw, C3 // (3 * nh)
+        t = spares.take((3, B, nw * nh, N, d), qkv.dtype, qkv.device)
+        t.view(3, B, nw, nh, N, d).copy_(qkv.view(B, nw, N, 3, nh, d).permute(3, 0, 1, 4, 2, 5))
         t[0].mul_(scale)
         with torch.autocast('cpu', enabled=False):
-            out = _cpu_attention(t[0], t[1], t[2], attn_mask.detach(), 1.0)
+            out = _cpu_attention(t[0], t[1], t[2], attn_mask.detach(), 1.0, spares)
         ctx.save_for_backward(t, attn_mask)
-        ctx.scale, ctx.num_windows = scale, num_windows
-        return _merge_heads(out, num_windows)
+        ctx.scale, ctx.num_windows, ctx.spares = scale, nw, spares
+        merged = _merge_heads(out, nw)
+        spares.give(out)
+        return merged
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         t, attn_mask = ctx.saved_tensors
-        nw = ctx.num_windows
+        nw, spares = ctx.num_windows, ctx.spares
         _, B, G, N, d = t.shape
         nh = G // nw
-        probs = _attention_probabilities(t[0], t[1], attn_mask)
+
+        def take(*shape):
+            return spares.take(shape, t.dtype, t.device)
+
+        probs = _attention_probabilities(t[0], t[1], attn_mask, out=take(B * G, N, N))
         q, k, v = (t[i].view(B * G, N, d) for i in range(3))  # q is scaled
-        g = grad_out.to(t.dtype).view(B, nw, N, nh, d).transpose(2, 3).reshape(B * G, N, d)
-        dp = torch.bmm(g, v.transpose(1, 2))
+        g = take(B * G, N, d)
+        g.view(B, nw, nh, N, d).copy_(grad_out.view(B, nw, N, nh, d).transpose(2, 3))
+        dp = torch.bmm(g, v.transpose(1, 2), out=take(B * G, N, N))
         torch.bmm(probs.transpose(1, 2), g, out=v)  # dV into v's slot, v is no longer needed
         ds = torch.ops.aten._softmax_backward_data.out(dp, probs, -1, probs.dtype, grad_input=dp)
-        grad_mask = None
-        if ctx.needs_input_grad[1]:
-            grad_mask = ds.view(B, G, N, N).sum(0, keepdim=True, dtype=attn_mask.dtype)
-        dq = torch.bmm(ds, k)
+        grad_mask = _sum_over_batch(ds.view(B, G, N, N), attn_mask.dtype) if ctx.needs_input_grad[1] else None
+        dq = torch.bmm(ds, k, out=take(B * G, N, d))
         torch.bmm(ds.transpose(1, 2), q, out=k)  # dK into k's slot once dQ has used k
         torch.mul(dq, ctx.scale, out=q)
         grad_qkv = torch.empty(B * nw, N, 3 * nh * d, dtype=t.dtype, device=t.device)
         grad_qkv.view(B, nw, N, 3, nh, d).copy_(t.view(3, B, nw, nh, N, d).permute(1, 2, 4, 0, 3, 5))
-        return grad_qkv, grad_mask, None, None, None
+        spares.give(t, probs, ds, g, dq)
+        return grad_qkv, grad_mask, None, None, None, None
 
 
 def window_attention(qkv: torch.Tensor, attn_mask: torch.Tensor, num_heads: int, num_windows: int,
-                     scale: float, dropout_p: float = 0.) -> torch.Tensor:
+                     scale: float, dropout_p: float = 0., spares: Optional[SpareBuffers] = None) -> torch.Tensor:
     """softmax(QK^T * scale + attn_mask) V for every window.
 
     qkv: (B*nW, N, 3C) from the qkv projection; attn_mask: (1, nW*heads, N, N), the bias
@@ -266,7 +303,8 @@ def window_attention(qkv: torch.Tensor, attn_mask: torch.Tensor, num_heads: int,
     """
     on_cpu = qkv.device.type == 'cpu' and dropout_p == 0. and not torch.compiler.is_compiling()
     if on_cpu and attn_mask.requires_grad and torch.is_grad_enabled():
-        return _CpuWindowAttentionFunction.apply(qkv, attn_mask, scale, num_heads, num_windows)
+        return _CpuWindowAttentionFunction.apply(qkv, attn_mask, scale, num_heads, num_windows,
+                                                 spares if spares is not None else SpareBuffers(0))
     q, k, v = _split_heads(qkv, num_heads, num_windows).unbind(0)
     if on_cpu:
         out = _cpu_attention(q, k, v, attn_mask, scale)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from .layers import Mlp, add_drop_path, permute_tokens, window_attention
+from .layers import (Mlp, SpareBuffers, add_drop_path, permute_tokens, release_spares_in_eval,
+                     window_attention)
 
 # Value the official code adds to logits of token pairs that belong to different
 # regions of a shifted window; kept (rather than -inf) so outputs match bit for bit.
@@ -96,6 +97,11 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=.02)
+        self.spares = SpareBuffers(capacity=6)
+
+    def train(self, mode: bool = True) -> 'WindowAttention':
+        release_spares_in_eval(self, mode)
+        return super().train(mode)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The index is derived from the window size: accept files with or without it
@@ -120,7 +126,7 @@ class WindowAttention(nn.Module):
             nw = mask.shape[0]
             attn_mask = (attn_mask + mask.unsqueeze(1)).reshape(1, nw * self.num_heads, N, N)
         out = window_attention(self.qkv(x), attn_mask, self.num_heads, nw, self.scale,
-                               self.attn_drop.p if self.training else 0.)
+                               self.attn_drop.p if self.training else 0., self.spares)
         return self.proj_drop(self.proj(out))
 
     def _forward_plain(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -170,3 +170,33 @@ def test_mlp_reuses_its_buffers_across_steps_without_changing_results():
     assert copy.deepcopy(mlp).spares._free == []
     mlp.eval()
     assert mlp.spares._free == []
+
+
+def test_spare_buffers_keep_the_newest_and_match_by_size():
+    from models.layers import SpareBuffers
+    spares = SpareBuffers(capacity=2)
+    a, b, c = torch.empty(6), torch.empty(6), torch.empty(3)
+    spares.give(a, b, c, torch.empty(4, 4).t())  # the non-contiguous one is refused
+    assert [t.data_ptr() for t in spares._free] == [b.data_ptr(), c.data_ptr()]
+    got = spares.take((2, 3), torch.float32, torch.device('cpu'))
+    assert got.shape == (2, 3) and got.data_ptr() == b.data_ptr()
+    assert spares.take((2, 3), torch.float64, torch.device('cpu')).dtype == torch.float64  # no match: new
+    none = SpareBuffers(capacity=0)
+    none.give(a)
+    assert none._free == []
+
+
+def test_window_attention_reuses_its_buffers_across_steps():
+    from models.layers import SpareBuffers, window_attention
+    spares = SpareBuffers(capacity=6)
+    qkv = torch.randn(8, 9, 24, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(1, 4 * 2, 9, 9, dtype=torch.float64, requires_grad=True)
+    ref = naive_window_attention(qkv, mask, 2, 4, 0.4)
+    want = torch.autograd.grad(ref.square().sum(), (qkv, mask))
+    for _ in range(3):
+        out = window_attention(qkv, mask, 2, 4, 0.4, spares=spares)
+        got = torch.autograd.grad(out.square().sum(), (qkv, mask))
+        torch.testing.assert_close(out, ref)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    assert len(spares._free) >= 4
