@@ -180,7 +180,7 @@ def main() -> None:
     p.add_argument('--tasks', default=','.join(TASKS))
     p.add_argument('--rounds', type=int, default=9, help='alternating rounds; the median is reported')
     p.add_argument('--steps', type=int, default=2, help='steps per timed run')
-    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--warmup', type=int, default=5, help='untimed steps first (compilation, memory growth)')
     p.add_argument('--json', default='bench_results/bench_model.json')
     args = p.parse_args()
     args.modes = [m for m in args.modes.split(',') if m]

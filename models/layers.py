@@ -278,7 +278,7 @@ class _CpuWindowAttentionFunction(torch.autograd.Function):
         probs = _attention_probabilities(t[0], t[1], attn_mask, out=take(B * G, N, N))
         q, k, v = (t[i].view(B * G, N, d) for i in range(3))  # q is scaled
         g = take(B * G, N, d)
-        g.view(B, nw, nh, N, d).copy_(grad_out.view(B, nw, N, nh, d).transpose(2, 3))
+        g.view(B, nw, nh, N, d).copy_(grad_out.reshape(B, nw, N, nh, d).transpose(2, 3))
         dp = torch.bmm(g, v.transpose(1, 2), out=take(B * G, N, N))
         torch.bmm(probs.transpose(1, 2), g, out=v)  # dV into v's slot, v is no longer needed
         ds = torch.ops.aten._softmax_backward_data.out(dp, probs, -1, probs.dtype, grad_input=dp)

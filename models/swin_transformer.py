@@ -98,6 +98,11 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=.02)
         self.spares = SpareBuffers(capacity=6)
+        self._joined: Optional[tuple] = None  # (key, joined mask) for inference
+
+    def _apply(self, fn, *args, **kwargs):
+        self._joined = None
+        return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True) -> 'WindowAttention':
         release_spares_in_eval(self, mode)
@@ -115,17 +120,32 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
 
+    def joined_mask(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """(1, num_windows * heads, N, N): the bias B plus the shift mask M of every window.
+
+        Where the bias can change (a training step follows), it is joined anew; otherwise the
+        result is kept and reused until the table or the shift mask changes.
+        """
+        table = self.relative_position_bias_table
+        trainable = table.requires_grad and torch.is_grad_enabled()
+        key = None
+        if not trainable and not torch.compiler.is_compiling():
+            key = (table._version, table.data_ptr(), None if mask is None else (mask.data_ptr(), mask.shape))
+            if self._joined is not None and self._joined[0] == key:
+                return self._joined[1]
+        joined = self.relative_position_bias().unsqueeze(0)
+        if mask is not None:
+            joined = (joined + mask.unsqueeze(1)).reshape(1, mask.shape[0] * self.num_heads, *mask.shape[1:])
+        if key is not None:
+            self._joined = (key, joined)
+        return joined
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (num_windows * B, N, C); mask: (num_windows, N, N) additive, or None."""
         if not self.fused:
             return self._forward_plain(x, mask)
-        N = x.shape[1]
-        attn_mask = self.relative_position_bias().unsqueeze(0)
-        nw = 1
-        if mask is not None:
-            nw = mask.shape[0]
-            attn_mask = (attn_mask + mask.unsqueeze(1)).reshape(1, nw * self.num_heads, N, N)
-        out = window_attention(self.qkv(x), attn_mask, self.num_heads, nw, self.scale,
+        nw = 1 if mask is None else mask.shape[0]
+        out = window_attention(self.qkv(x), self.joined_mask(mask), self.num_heads, nw, self.scale,
                                self.attn_drop.p if self.training else 0., self.spares)
         return self.proj_drop(self.proj(out))
 

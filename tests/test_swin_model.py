@@ -358,3 +358,18 @@ def test_every_config_builds_its_model(cfg, tmp_path):
     assert model.embed_dim == s.EMBED_DIM and len(model.layers) == len(s.DEPTHS)
     assert model.patch_embed.img_size == (config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
     assert model.layers[0].blocks[0].window_size == min(s.WINDOW_SIZE, config.DATA.IMG_SIZE // s.PATCH_SIZE)
+
+
+def test_joined_mask_is_reused_in_inference_and_rebuilt_when_weights_change():
+    blk = _random_block().float()
+    attn = blk.attn
+    mask = blk.window_layout(14, 14, 3, torch.device('cpu'))[2]
+    with torch.no_grad():
+        first = attn.joined_mask(mask)
+        assert attn.joined_mask(mask) is first  # same weights, same resolution: reused
+        assert attn.joined_mask(None) is not first
+        again = attn.joined_mask(mask)
+        attn.relative_position_bias_table.add_(1.0)  # an optimizer step, a load_state_dict
+        changed = attn.joined_mask(mask)
+    assert changed is not again and torch.allclose(changed, again + 1.0)
+    assert attn.joined_mask(mask).requires_grad  # with gradients on, always joined anew
