@@ -228,12 +228,14 @@ def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
 
 
 def _sum_over_batch(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x.sum(0, keepdim=True) accumulated in `dtype` without first copying all of x to it."""
+    """x.sum(0, keepdim=True) accumulated in `dtype`, converting about a million elements at a
+    time rather than copying all of x to `dtype` first."""
     if x.dtype == dtype:
         return x.sum(0, keepdim=True)
-    total = x[:1].to(dtype)
-    for i in range(1, x.shape[0]):
-        total.add_(x[i:i + 1])
+    rows = max(1, (1 << 20) // x[0].numel())
+    total = torch.zeros((1,) + x.shape[1:], dtype=dtype, device=x.device)
+    for chunk in x.split(rows):
+        total.add_(chunk.sum(0, keepdim=True, dtype=dtype))
     return total
 
 

@@ -200,3 +200,12 @@ def test_window_attention_reuses_its_buffers_across_steps():
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
     assert len(spares._free) >= 4
+
+
+@pytest.mark.parametrize('batch', [3, 700])
+def test_sum_over_batch_accumulates_in_the_wider_dtype(batch):
+    from models.layers import _sum_over_batch
+    x = torch.randn(batch, 2, 40, 40).bfloat16()
+    got = _sum_over_batch(x, torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (1, 2, 40, 40)
+    torch.testing.assert_close(got, x.float().sum(0, keepdim=True), rtol=1e-5, atol=1e-4)
