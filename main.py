@@ -86,6 +86,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 2
 
+    if not config.THROUGHPUT_MODE:
+        mode = 'evaluation (--eval)' if config.EVAL_MODE else 'training'
+        print(f'error: {mode} needs the data pipeline and training engine, which this version does not '
+              f'have yet; --throughput works now', file=sys.stderr)
+        return 2
+
     import engine  # heavy imports (torch, timm) only once the command line is known to be valid
     from logger import create_logger
     from models import build_model
@@ -94,12 +100,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logger = create_logger(config.OUTPUT, dist_rank=0, name=config.MODEL.NAME)
     engine.write_config(config, config.OUTPUT)
     logger.info(f'config written to {os.path.join(config.OUTPUT, "config.yaml")}')
-
-    if not config.THROUGHPUT_MODE:
-        mode = 'evaluation (--eval)' if config.EVAL_MODE else 'training'
-        logger.error(f'{mode} needs the data pipeline and training engine, which this version does '
-                     f'not have yet; --throughput works now')
-        return 2
 
     device = engine.select_device()
     model = build_model(config).to(device)

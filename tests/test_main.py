@@ -1,0 +1,29 @@
+"""main.py end to end: --throughput on the demo config, and the modes not built yet."""
+import os
+
+import yaml
+
+import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, 'configs', 'demo', 'swin_micro_112.yaml')
+
+
+def test_throughput_runs_and_writes_config_and_log(tmp_path, capsys):
+    rc = main.main(['--cfg', DEMO, '--throughput', '--batch-size', '2', '--output', str(tmp_path),
+                    '--tag', 't1', '--disable_amp'])
+    assert rc == 0
+    run_dir = tmp_path / 'swin_micro_patch4_window7_112' / 't1'
+    saved = yaml.safe_load((run_dir / 'config.yaml').read_text())
+    assert saved['DATA']['BATCH_SIZE'] == 2 and saved['AMP_ENABLE'] is False
+    log = (run_dir / 'log_rank0.txt').read_text()
+    assert 'batch_size 2 throughput' in log and '(cpu, fp32, synthetic input)' in log
+    assert not list(run_dir.glob('*.tmp'))
+
+
+def test_modes_not_built_yet_refuse_in_one_line_without_side_effects(tmp_path, capsys):
+    for extra in ([], ['--eval']):
+        rc = main.main(['--cfg', DEMO, '--output', str(tmp_path)] + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith('error:') and 'throughput' in err[0]
+    assert not any(tmp_path.iterdir())
