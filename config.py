@@ -47,6 +47,16 @@ _C.DATA.CACHE_MODE = 'part'
 _C.DATA.PIN_MEMORY = True
 # Number of data loading worker processes
 _C.DATA.NUM_WORKERS = 8
+# [New] Batches each worker prepares ahead of use
+_C.DATA.PREFETCH_FACTOR = 2
+# [New] Decode JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling) when the crop would still be at
+# least the output size there, so it is resized down anyway; faster, slightly different pixels
+_C.DATA.REDUCED_DECODE = False
+# [New] Unreadable images are logged, replaced and counted; the run stops once they exceed
+# this fraction of the split
+_C.DATA.MAX_CORRUPT_FRACTION = 0.001
+# [New] Images in the train and val splits of DATA.DATASET 'synthetic'
+_C.DATA.SYNTHETIC_LENGTH = [12800, 2560]
 
 # -----------------------------------------------------------------------------
 # Model settings
@@ -145,6 +155,9 @@ _C.TRAIN.LAYER_DECAY = 1.0
 # Augmentation settings
 # -----------------------------------------------------------------------------
 _C.AUG = CN()
+# [New] Horizontal and vertical flip probabilities of the training crop
+_C.AUG.HFLIP = 0.5
+_C.AUG.VFLIP = 0.0
 # Color jitter factor (used when AUTO_AUGMENT is off)
 _C.AUG.COLOR_JITTER = 0.4
 # AutoAugment / RandAugment policy string
@@ -212,6 +225,10 @@ OPTIMIZERS = ('adamw', 'sgd')
 LR_SCHEDULERS = ('cosine', 'linear', 'step', 'multistep')
 CACHE_MODES = ('no', 'part', 'full')
 AMP_DTYPES = ('bf16', 'fp16')
+DATASETS = ('imagenet', 'imagenet22k', 'synthetic')
+INTERPOLATIONS = ('bicubic', 'bilinear', 'random', 'nearest', 'lanczos', 'hamming', 'box')
+MIXUP_MODES = ('batch', 'pair', 'elem')
+ERASE_MODES = ('const', 'rand', 'pixel')
 
 
 def default_config() -> CN:
@@ -450,6 +467,7 @@ def validate_config(config: CN) -> None:
     _check_positive(config.DATA.BATCH_SIZE, 'DATA.BATCH_SIZE')
     _check(config.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be >= 0, got {config.DATA.NUM_WORKERS}")
     _check_choice(config.DATA.CACHE_MODE, CACHE_MODES, 'DATA.CACHE_MODE')
+    _validate_data(config)
     _check_positive(config.TRAIN.EPOCHS, 'TRAIN.EPOCHS')
     _check(config.TRAIN.WARMUP_EPOCHS >= 0,
            f"TRAIN.WARMUP_EPOCHS must be >= 0, got {config.TRAIN.WARMUP_EPOCHS}")
@@ -467,6 +485,31 @@ def validate_config(config: CN) -> None:
     _check_choice(config.TRAIN.LR_SCHEDULER.NAME, LR_SCHEDULERS, 'TRAIN.LR_SCHEDULER.NAME')
     _check_choice(config.AMP_DTYPE, AMP_DTYPES, 'AMP_DTYPE')
     _validate_architecture(config.MODEL.SWIN, 'MODEL.SWIN')
+
+
+def _validate_data(config: CN) -> None:
+    data, aug = config.DATA, config.AUG
+    _check_choice(data.DATASET, DATASETS, 'DATA.DATASET')
+    _check_choice(data.INTERPOLATION, INTERPOLATIONS, 'DATA.INTERPOLATION')
+    _check(data.PREFETCH_FACTOR >= 1, f"DATA.PREFETCH_FACTOR must be >= 1, got {data.PREFETCH_FACTOR}")
+    _check(0.0 <= data.MAX_CORRUPT_FRACTION <= 1.0,
+           f"DATA.MAX_CORRUPT_FRACTION must be in [0, 1], got {data.MAX_CORRUPT_FRACTION}")
+    lengths = list(data.SYNTHETIC_LENGTH)
+    _check(len(lengths) == 2 and all(n > 0 for n in lengths),
+           f"DATA.SYNTHETIC_LENGTH must be two positive image counts [train, val], got {lengths}")
+    for key in ('HFLIP', 'VFLIP', 'REPROB', 'MIXUP_PROB', 'MIXUP_SWITCH_PROB'):
+        _check(0.0 <= aug[key] <= 1.0, f"AUG.{key} is a probability in [0, 1], got {aug[key]}")
+    _check(aug.RECOUNT >= 1, f"AUG.RECOUNT must be >= 1, got {aug.RECOUNT}")
+    _check_choice(aug.REMODE, ERASE_MODES, 'AUG.REMODE')
+    _check_choice(aug.MIXUP_MODE, MIXUP_MODES, 'AUG.MIXUP_MODE')
+    _check(aug.MIXUP >= 0 and aug.CUTMIX >= 0, f"AUG.MIXUP and AUG.CUTMIX must be >= 0, got {aug.MIXUP}, {aug.CUTMIX}")
+    if aug.CUTMIX_MINMAX is not None:
+        lo_hi = list(aug.CUTMIX_MINMAX)
+        _check(len(lo_hi) == 2 and 0.0 < lo_hi[0] < lo_hi[1] <= 1.0,
+               f"AUG.CUTMIX_MINMAX must be [min, max] with 0 < min < max <= 1, got {lo_hi}")
+    mixing = aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
+    _check(not (mixing and data.BATCH_SIZE % 2), f"DATA.BATCH_SIZE {data.BATCH_SIZE} must be even when "
+           f"mixup/cutmix is on (images are mixed in pairs); use an even batch or AUG.MIXUP 0 AUG.CUTMIX 0")
 
 
 def _validate_architecture(arch: CN, section: str) -> None:

@@ -1,0 +1,134 @@
+"""`build_loader(config)`: datasets, samplers, loaders and the mixup function of a run."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+from torch.utils.data import DataLoader
+
+from .datasets import ImageDataset, SyntheticDataset
+from .samplers import ShardSampler, TrainSampler
+from .sources import CachedSource, DataError, FolderSource, ListSource, Source, ZipSource
+from .transforms import build_transform
+
+IN22K_PREFIX = 'ILSVRC2011fall_whole'  # official list names: <prefix>_map_train.txt / _map_val.txt
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_source(config, split: str) -> Source:
+    """The encoded-image source of `split` ('train' or 'val') for DATA.DATASET."""
+    root = config.DATA.DATA_PATH
+    if not root:
+        raise DataError('DATA.DATA_PATH is empty; pass --data-path /path/to/dataset')
+    if not os.path.isdir(root):
+        raise DataError(f"DATA.DATA_PATH '{root}' does not exist" if not os.path.exists(root)
+                        else f"DATA.DATA_PATH '{root}' is not a directory")
+    dataset = config.DATA.DATASET.lower()
+    if dataset == 'imagenet22k':
+        return ListSource(root, os.path.join(root, f'{IN22K_PREFIX}_map_{split}.txt'))
+    if config.DATA.ZIP_MODE:
+        return ZipSource(os.path.join(root, f'{split}.zip'), os.path.join(root, f'{split}_map.txt'))
+    return FolderSource(os.path.join(root, split))
+
+
+def _cache(source: Source, config, is_train: bool, rank: int, world_size: int) -> Source:
+    # as in the official code the cache serves zip mode: its default ('part') would otherwise
+    # read a whole folder tree into RAM before the first step
+    mode = config.DATA.CACHE_MODE
+    if mode == 'no' or not isinstance(source, ZipSource):
+        return source
+    if mode == 'part' and is_train:
+        # this rank's share of the bytes in RAM; other samples come from the source, so the
+        # sampler can still deal a fresh permutation of the whole split every epoch
+        return CachedSource(source, keep=range(rank, len(source), world_size))
+    return CachedSource(source)
+
+
+def build_dataset(config, is_train: bool, rank: int = 0, world_size: int = 1, logger_name: str = 'data'):
+    split = 'train' if is_train else 'val'
+    if config.DATA.DATASET.lower() == 'synthetic':
+        length = config.DATA.SYNTHETIC_LENGTH[0 if is_train else 1]
+        return SyntheticDataset(length, config.DATA.IMG_SIZE, config.MODEL.NUM_CLASSES, seed=config.SEED)
+    source = _cache(build_source(config, split), config, is_train, rank, world_size)
+    return ImageDataset(source, build_transform(is_train, config), seed=config.SEED,
+                        max_corrupt_fraction=config.DATA.MAX_CORRUPT_FRACTION, logger_name=logger_name)
+
+
+def build_mixup(config) -> Optional[Mixup]:
+    """timm's Mixup from the AUG keys, or None when neither mixup nor cutmix is on."""
+    aug = config.AUG
+    if not (aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None):
+        return None
+    return Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX,
+                 cutmix_minmax=list(aug.CUTMIX_MINMAX) if aug.CUTMIX_MINMAX is not None else None,
+                 prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
+                 label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)
+
+
+def _loader(dataset, sampler, config, is_train: bool) -> DataLoader:
+    workers = config.DATA.NUM_WORKERS
+    extra = dict(persistent_workers=True, prefetch_factor=config.DATA.PREFETCH_FACTOR) if workers > 0 else {}
+    return DataLoader(dataset, batch_size=config.DATA.BATCH_SIZE, sampler=sampler, num_workers=workers,
+                      pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                      drop_last=is_train, **extra)
+
+
+def _check_same_classes(dataset_train, dataset_val) -> None:
+    classes = [getattr(d.source, 'classes', None) for d in (dataset_train, dataset_val) if d is not None]
+    if len(classes) == 2 and classes[0] is not None and classes[0] != classes[1]:
+        only = sorted(set(classes[0]) ^ set(classes[1]))
+        raise DataError(f"train/ and val/ have different class folders (for example '{only[0]}'); "
+                        f"labels would not match")
+
+
+def _set_num_classes(config, num_classes: int, logger: logging.Logger) -> None:
+    if config.MODEL.NUM_CLASSES != num_classes:
+        logger.info(f'MODEL.NUM_CLASSES set to {num_classes} from the data (the config said '
+                    f'{config.MODEL.NUM_CLASSES})')
+    frozen = config.is_frozen()
+    config.defrost()
+    config.MODEL.NUM_CLASSES = num_classes
+    if frozen:
+        config.freeze()
+
+
+def build_loader(config, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 logger: Optional[logging.Logger] = None):
+    """(dataset_train, dataset_val, loader_train, loader_val, mixup_fn).
+
+    With EVAL_MODE or THROUGHPUT_MODE the training side is not built (None for its three
+    entries, mixup_fn too). MODEL.NUM_CLASSES is set from the data, as the official code
+    does. Loader batches are uint8 (B, 3, S, S); `data.DevicePreprocessor` turns them into
+    normalized float on the device. Rank and world size default to torch.distributed's.
+    """
+    if rank is None or world_size is None:
+        rank, world_size = _rank_and_world()
+    logger = logger or logging.getLogger(config.MODEL.NAME)
+    build_train = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+
+    dataset_val = build_dataset(config, False, rank, world_size, logger.name)
+    dataset_train = build_dataset(config, True, rank, world_size, logger.name) if build_train else None
+    if config.DATA.DATASET.lower() != 'synthetic':
+        _check_same_classes(dataset_train, dataset_val)
+        _set_num_classes(config, (dataset_train or dataset_val).num_classes, logger)
+
+    loader_val = _loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size,
+                                                   shuffle=config.TEST.SHUFFLE, seed=config.SEED),
+                         config, is_train=False)
+    if not build_train:
+        return None, dataset_val, None, loader_val, None
+    if len(dataset_train) < config.DATA.BATCH_SIZE * world_size:
+        raise DataError(f'the training split has {len(dataset_train)} images, fewer than one batch of '
+                        f'{config.DATA.BATCH_SIZE} on each of {world_size} ranks; lower --batch-size')
+    sampler_train = TrainSampler(dataset_train, world_size, rank, seed=config.SEED)
+    loader_train = _loader(dataset_train, sampler_train, config, is_train=True)
+    return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)

@@ -1,0 +1,135 @@
+"""Datasets: images from a source through a per-image transform, and synthetic images.
+
+Augmentation randomness is reseeded for every sample from (SEED, epoch, index), so a
+sample's augmentation is the same whatever the number of workers, ranks or restarts:
+runs and resumed runs reproduce their batches.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import random
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from .decode import DecodeError
+from .sources import DataError, Source
+
+_EPOCH, _CORRUPT = 0, 1
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2 ** 63)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    # the CPU generator only: torch.manual_seed also queues a CUDA seeding with a captured
+    # traceback, which costs more than decoding the image
+    torch.default_generator.manual_seed(seed)
+
+
+class _MainProcessRngGuard:
+    """In the main process (no loader workers) per-sample seeding must not disturb the
+    training RNGs, so their states are saved and restored around a sample."""
+
+    def __enter__(self):
+        self.states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+    def __exit__(self, *exc):
+        py, npy, th = self.states
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(th)
+
+
+class ImageDataset(Dataset):
+    """(uint8 image (3, S, S), label) pairs from `source` through `transform`.
+
+    An unreadable image is logged with its path, counted across all workers and replaced by
+    the next readable sample; once more than `max_corrupt_fraction` of the split has failed,
+    the next failure raises `DataError`.
+    """
+
+    def __init__(self, source: Source, transform: Callable[[bytes], torch.Tensor], *, seed: int = 0,
+                 max_corrupt_fraction: float = 0.001, logger_name: str = 'data'):
+        self.source = source
+        self.transform = transform
+        self.seed = seed
+        self.max_corrupt = int(max_corrupt_fraction * len(source))
+        self.logger_name = logger_name
+        # [epoch, corrupt count], shared with forked loader workers
+        self._state = multiprocessing.Array('q', [0, 0])
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        return self.source.samples
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.source.samples]
+
+    @property
+    def corrupt_count(self) -> int:
+        return self._state[_CORRUPT]
+
+    def set_epoch(self, epoch: int) -> None:
+        self._state[_EPOCH] = epoch
+
+    def __getitem__(self, index: int):
+        if get_worker_info() is None:
+            with _MainProcessRngGuard():
+                return self._load(index)
+        return self._load(index)
+
+    def _load(self, index: int):
+        _seed_all(_sample_seed(self.seed, self._state[_EPOCH], index))
+        for _ in range(len(self)):
+            try:
+                return self.transform(self.source.read(index)), self.source.samples[index][1]
+            except (DecodeError, OSError) as e:
+                self._record_corrupt(index, e)
+                index = (index + 1) % len(self)
+        raise DataError('no readable image in the dataset')
+
+    def _record_corrupt(self, index: int, error: Exception) -> None:
+        with self._state.get_lock():
+            self._state[_CORRUPT] += 1
+            count = self._state[_CORRUPT]
+        where = self.source.describe(index)
+        logging.getLogger(self.logger_name).warning(
+            f'unreadable image {where} ({error}); replaced by the next sample ({count} so far)')
+        if count > self.max_corrupt:
+            raise DataError(f"{count} unreadable images (the last: '{where}') exceed "
+                            f"DATA.MAX_CORRUPT_FRACTION of {len(self)} images; fix or remove them")
+
+
+class SyntheticDataset(Dataset):
+    """Random uint8 images and labels, the same for the same index, made on the fly."""
+
+    def __init__(self, length: int, img_size: int, num_classes: int, seed: int = 0):
+        self.length, self.img_size, self.num_classes, self.seed = length, img_size, num_classes, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        """Synthetic images do not change between epochs."""
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        g = torch.Generator().manual_seed(_sample_seed(self.seed, 0, index))
+        image = torch.randint(0, 256, (3, self.img_size, self.img_size), dtype=torch.uint8, generator=g)
+        return image, index % self.num_classes

@@ -1,0 +1,50 @@
+"""Samplers: a reshuffling distributed sampler for training and an unpadded shard for
+validation, so that every validation image is scored exactly once on any number of ranks."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+
+class TrainSampler(DistributedSampler):
+    """torch's DistributedSampler (a fresh permutation of the whole split every epoch,
+    seeded by SEED and the epoch, the same on every rank, dealt out rank by rank) that also
+    tells the dataset the epoch, which seeds the augmentation of each sample."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, 'set_epoch'):
+            self.dataset.set_epoch(epoch)
+
+
+def shard_bounds(length: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous share; shares differ in size by at most one."""
+    return length * rank // world_size, length * (rank + 1) // world_size
+
+
+class ShardSampler(Sampler[int]):
+    """This rank's contiguous share of the indices, without padding or duplicates
+    (torch's DistributedSampler pads the last ranks with repeated images, which changes the
+    reported accuracy with the number of GPUs). Optionally shuffled within the share."""
+
+    def __init__(self, length: int, rank: int, world_size: int, shuffle: bool = False, seed: int = 0):
+        self.start, self.stop = shard_bounds(length, rank, world_size)
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.start, self.stop))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter((self.start + torch.randperm(len(self), generator=g)).tolist())
