@@ -62,8 +62,10 @@ class ImageDataset(Dataset):
         self.seed = seed
         self.max_corrupt = int(max_corrupt_fraction * len(source))
         self.logger_name = logger_name
-        # [epoch, corrupt count], shared with forked loader workers
+        # [epoch, corrupt count] and which samples were found unreadable, shared with the
+        # forked loader workers so the count is global and each file is reported once
         self._state = multiprocessing.Array('q', [0, 0])
+        self._unreadable = multiprocessing.RawArray('b', len(source))
 
     def __len__(self) -> int:
         return len(self.source)
@@ -96,16 +98,19 @@ class ImageDataset(Dataset):
     def _load(self, index: int):
         _seed_all(_sample_seed(self.seed, self._state[_EPOCH], index))
         for _ in range(len(self)):
-            try:
-                return self.transform(self.source.read(index)), self.source.samples[index][1]
-            except (DecodeError, OSError) as e:
-                self._record_corrupt(index, e)
-                index = (index + 1) % len(self)
+            if not self._unreadable[index]:
+                try:
+                    return self.transform(self.source.read(index)), self.source.samples[index][1]
+                except (DecodeError, OSError) as e:
+                    self._record_corrupt(index, e)
+            index = (index + 1) % len(self)
         raise DataError('no readable image in the dataset')
 
     def _record_corrupt(self, index: int, error: Exception) -> None:
         with self._state.get_lock():
-            self._state[_CORRUPT] += 1
+            if not self._unreadable[index]:
+                self._unreadable[index] = 1
+                self._state[_CORRUPT] += 1
             count = self._state[_CORRUPT]
         where = self.source.describe(index)
         logging.getLogger(self.logger_name).warning(

@@ -109,7 +109,7 @@ class TrainTransform:
 
     def __call__(self, data: bytes) -> torch.Tensor:
         if self.pad_crop is not None:
-            image = np.asarray(self.pad_crop(Image.fromarray(decode_rgb(data))))
+            image = np.array(self.pad_crop(Image.fromarray(decode_rgb(data))))
         else:
             width, height = image_size(data)
             box = self.crop.get_params(_size_only(width, height), self.crop.scale, self.crop.ratio)
@@ -127,7 +127,7 @@ class TrainTransform:
         if self.vflip > 0 and torch.rand(1) < self.vflip:
             image = image[::-1]
         if self.augment is not None:
-            image = np.asarray(self.augment(Image.fromarray(np.ascontiguousarray(image))))
+            image = np.array(self.augment(Image.fromarray(np.ascontiguousarray(image))))
         return _to_chw_tensor(image)
 
 
