@@ -23,6 +23,13 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tif
 class DataError(ValueError):
     """A problem with the user's data, reported as one line naming the file."""
 
+    def __init__(self, message: str):
+        # A DataLoader re-raises a worker's exception as this type with the worker's whole
+        # traceback as its message; keep only the original line.
+        if message.startswith('Caught DataError'):
+            message = message.rstrip().splitlines()[-1].split('DataError: ', 1)[-1]
+        super().__init__(message)
+
 
 class Source:
     samples: list[tuple[str, int]]

@@ -451,9 +451,11 @@ def test_corrupt_images_are_logged_replaced_and_counted(tmp_path, caplog):
     assert torch.equal(val[5][0], val[7][0]) and torch.equal(val[6][0], val[7][0])
 
 
-def test_too_many_corrupt_images_stop_the_run(tmp_path):
+@pytest.mark.parametrize('workers', [0, 1])
+def test_too_many_corrupt_images_stop_the_run(tmp_path, workers):
     _corrupt_split(tmp_path)
-    config = _config(str(tmp_path), **{'EVAL_MODE': True, 'DATA.MAX_CORRUPT_FRACTION': 0.1})
+    config = _config(str(tmp_path), **{'EVAL_MODE': True, 'DATA.MAX_CORRUPT_FRACTION': 0.1,
+                                       'DATA.NUM_WORKERS': workers})
     _, val, _, loader_val, _ = build_loader(config, rank=0, world_size=1)
     with pytest.raises(DataError, match='img_002.jpg') as info:
         for _ in loader_val:
