@@ -21,12 +21,32 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
-from timm.data import create_transform
+from timm.data import auto_augment, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 
 from .decode import JPEG_SCALES, decode_rgb, image_size
 
 _TORCH_MODES = ('bilinear', 'bicubic')  # resampled by torch; the others by PIL
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    if bits_to_keep <= 0:  # Pillow < 13 gave black for 0 bits; Pillow 13 raises instead
+        return img.point([0] * (256 * len(img.getbands())))
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def allow_zero_bit_posterize(transform) -> None:
+    """timm's RandAugment draws posterize with 0 bits now and then (magnitude 10; about
+    0.1% of images with rand-m9-mstd0.5), which Pillow 13 rejects with a ValueError that
+    would end the run. Give those ops the black image older Pillow produced."""
+    ops = list(getattr(transform, 'ops', None) or [])
+    for sub in getattr(transform, 'policy', None) or []:  # AutoAugment: lists of ops
+        ops.extend(sub)
+    for op in ops:
+        if getattr(op, 'aug_fn', None) is auto_augment.posterize:
+            op.aug_fn = _posterize
+    for inner in getattr(transform, 'transforms', None) or []:  # Compose
+        allow_zero_bit_posterize(inner)
 
 
 def _mode_name(interpolation) -> str:
@@ -37,20 +57,28 @@ def _mode_name(interpolation) -> str:
 
 
 def resize_uint8(image: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int],
-                 interpolation: str) -> np.ndarray:
+                 interpolation: str) -> torch.Tensor:
     """Crop `box` = (top, left, height, width) of an (H, W, 3) uint8 image and resize it to
-    `size` = (height, width), antialiased as PIL does when shrinking."""
+    `size` = (height, width), antialiased as PIL does when shrinking. Returns a planar
+    (3, height, width) tensor, the layout torch's kernel writes fastest from a crop view."""
     top, left, height, width = box
-    crop = image[top:top + height, left:left + width]
+    planes = torch.from_numpy(image).permute(2, 0, 1)[:, top:top + height, left:left + width]
     if (height, width) == tuple(size):
-        return np.ascontiguousarray(crop)
+        return planes.contiguous()
     if interpolation not in _TORCH_MODES:  # nearest, lanczos, ...: PIL, as the official pipeline
-        image = Image.fromarray(np.ascontiguousarray(crop))
-        return np.asarray(image.resize(size[::-1], str_to_pil_interp(interpolation)))
-    # (H, W, 3) memory is a channels-last (1, 3, H, W) tensor: no copy in or out
-    x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).unsqueeze(0)
-    y = F.interpolate(x, size=size, mode=interpolation, antialias=True, align_corners=False)
-    return y[0].permute(1, 2, 0).numpy()
+        crop = Image.fromarray(np.ascontiguousarray(image[top:top + height, left:left + width]))
+        return _planar(np.asarray(crop.resize(size[::-1], str_to_pil_interp(interpolation))))
+    out = F.interpolate(planes.unsqueeze(0), size=size, mode=interpolation, antialias=True, align_corners=False)
+    return out[0].contiguous()
+
+
+def _planar(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) array -> (3, H, W) tensor (a view: the loader's collate copies it anyway)."""
+    return torch.from_numpy(image).permute(2, 0, 1)
+
+
+def _to_pil(planes: torch.Tensor) -> Image.Image:
+    return Image.merge('RGB', [Image.fromarray(p) for p in planes.contiguous().numpy()])
 
 
 def _reduction(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
@@ -69,10 +97,6 @@ def _scaled_box(box, shape, full_h, full_w):
     h = max(1, min(shape[0] - t, round(height * sy)))
     w = max(1, min(shape[1] - l, round(width * sx)))
     return t, l, h, w
-
-
-def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
 def _size_only(width: int, height: int) -> torch.Tensor:
@@ -105,11 +129,12 @@ class TrainTransform:
         self.size = (size, size)
         self.hflip, self.vflip = config.AUG.HFLIP, config.AUG.VFLIP
         self.augment = secondary if secondary.transforms else None
+        allow_zero_bit_posterize(secondary)
         self.reduced_decode = config.DATA.REDUCED_DECODE
 
     def __call__(self, data: bytes) -> torch.Tensor:
         if self.pad_crop is not None:
-            image = np.array(self.pad_crop(Image.fromarray(decode_rgb(data))))
+            image = _planar(np.array(self.pad_crop(Image.fromarray(decode_rgb(data)))))
         else:
             width, height = image_size(data)
             box = self.crop.get_params(_size_only(width, height), self.crop.scale, self.crop.ratio)
@@ -122,13 +147,18 @@ class TrainTransform:
                 box = _scaled_box(box, image.shape, height, width)
             image = resize_uint8(image, box, self.size, _mode_name(interpolation))
         # same draws as torchvision's RandomHorizontalFlip / RandomVerticalFlip
-        if self.hflip > 0 and torch.rand(1) < self.hflip:
-            image = image[:, ::-1]
-        if self.vflip > 0 and torch.rand(1) < self.vflip:
-            image = image[::-1]
-        if self.augment is not None:
-            image = np.array(self.augment(Image.fromarray(np.ascontiguousarray(image))))
-        return _to_chw_tensor(image)
+        hflip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
+        vflip = self.vflip > 0 and bool(torch.rand(1) < self.vflip)
+        if self.augment is None:
+            return image.flip([d for d, on in ((-1, hflip), (-2, vflip)) if on]) if hflip or vflip else image
+        pil = _to_pil(image)
+        if hflip:
+            pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if vflip:
+            pil = pil.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        # planes straight from PIL: collating (3, H, W) views of (H, W, 3) arrays would cost
+        # a transposing copy per image
+        return torch.from_numpy(np.stack([np.asarray(band) for band in self.augment(pil).split()]))
 
 
 class EvalTransform:
@@ -154,7 +184,7 @@ class EvalTransform:
 
     def __call__(self, data: bytes) -> torch.Tensor:
         if not self.resize_im:
-            return _to_chw_tensor(decode_rgb(data))
+            return _planar(decode_rgb(data))
         width, height = image_size(data)
         out_h, out_w = self._resized_shape(height, width)
         reduce = _reduction(height, width, out_h, out_w) if self.reduced_decode else 1
@@ -163,8 +193,8 @@ class EvalTransform:
         if self.crop:  # torchvision CenterCrop offsets
             top = int(round((out_h - self.size) / 2.0))
             left = int(round((out_w - self.size) / 2.0))
-            image = image[top:top + self.size, left:left + self.size]
-        return _to_chw_tensor(image)
+            image = image[:, top:top + self.size, left:left + self.size]
+        return image
 
 
 def build_transform(is_train: bool, config):

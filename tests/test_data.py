@@ -477,3 +477,15 @@ def test_train_and_val_classes_must_agree(data_root, tmp_path):
     os.makedirs(tmp_path / 'val')
     os.symlink(os.path.join(data_root, 'val', 'a_cls'), tmp_path / 'val' / 'a_cls')
     _one_line_error(_config(str(tmp_path)), 'different class folders')
+
+
+def test_zero_bit_posterize_gives_black_instead_of_an_error(data_root):
+    """timm's RandAugment can draw posterize with 0 bits; Pillow 13 raises on it."""
+    transform = TrainTransform(_config(data_root))
+    ops = [op for op in transform.augment.transforms[0].ops if 'Posterize' in op.name]
+    assert ops
+    image = _photo(40, 30, seed=1)
+    for op in ops:
+        out = op.aug_fn(image, 0)
+        assert out.size == image.size and np.asarray(out).max() == 0
+        assert np.array_equal(np.asarray(op.aug_fn(image, 4)), np.asarray(image) & 0xF0)
