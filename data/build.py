@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from .datasets import ImageDataset, SyntheticDataset
 from .samplers import ShardSampler, TrainSampler
 from .sources import CachedSource, DataError, FolderSource, ListSource, Source, ZipSource
-from .transforms import build_transform
+from .transforms import build_transform  # noqa: F401 (also data.build.build_transform, as officially)
 
 IN22K_PREFIX = 'ILSVRC2011fall_whole'  # official list names: <prefix>_map_train.txt / _map_val.txt
 

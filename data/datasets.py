@@ -79,6 +79,15 @@ class ImageDataset(Dataset):
         return self.source.samples
 
     @property
+    def classes(self) -> list[str]:
+        """Class names (folder names; label numbers as text for zip and list layouts)."""
+        return getattr(self.source, 'classes', None) or [str(i) for i in range(self.num_classes)]
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+    @property
     def targets(self) -> list[int]:
         return [label for _, label in self.source.samples]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -29,8 +30,15 @@ def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b'\xff\xd8\xff'
 
 
-def image_size(data: bytes) -> tuple[int, int]:
+ImageInput = Union[bytes, Image.Image, np.ndarray]  # encoded bytes, or an already decoded image
+
+
+def image_size(data: ImageInput) -> tuple[int, int]:
     """(width, height) from the header alone, without decoding the pixels."""
+    if isinstance(data, Image.Image):
+        return data.size
+    if isinstance(data, np.ndarray):
+        return data.shape[1], data.shape[0]
     if simplejpeg is not None and _is_jpeg(data):
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
@@ -44,9 +52,14 @@ def image_size(data: bytes) -> tuple[int, int]:
         raise DecodeError(f'not a readable image ({e})') from None
 
 
-def decode_rgb(data: bytes, reduce: int = 1) -> np.ndarray:
+def decode_rgb(data: ImageInput, reduce: int = 1) -> np.ndarray:
     """Decode to RGB uint8 (H, W, 3). `reduce` (1, 2, 4 or 8) asks for a DCT-scaled JPEG
-    decode whose size is ceil(size / reduce); other formats ignore it and come back full size."""
+    decode whose size is ceil(size / reduce); other formats ignore it and come back full size.
+    A PIL image or an (H, W, 3) uint8 array passes through (converted to RGB)."""
+    if isinstance(data, Image.Image):
+        return np.array(data.convert('RGB'))  # writable, as torch.from_numpy wants
+    if isinstance(data, np.ndarray):
+        return data
     if simplejpeg is not None and _is_jpeg(data):
         try:
             if reduce == 1:
@@ -66,6 +79,6 @@ def _decode_with_pil(data: bytes, reduce: int) -> np.ndarray:
             with Image.open(io.BytesIO(data)) as img:
                 if reduce > 1 and img.format == 'JPEG':
                     img.draft('RGB', (-(-img.size[0] // reduce), -(-img.size[1] // reduce)))
-                return np.asarray(img.convert('RGB'))
+                return np.array(img.convert('RGB'))  # writable, as torch.from_numpy wants
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as e:
         raise DecodeError(f'not a readable image ({type(e).__name__}: {e})') from None

@@ -16,11 +16,21 @@ class TrainSampler(DistributedSampler):
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=False)
+        self._iterated = False  # iterated since the last set_epoch
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
+        self._iterated = False
         if hasattr(self.dataset, 'set_epoch'):
             self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        # A loop that never calls set_epoch still gets a new order (and new augmentations)
+        # each pass; one that does call it gets exactly the epoch it names.
+        if self._iterated:
+            self.set_epoch(self.epoch + 1)
+        self._iterated = True
+        return super().__iter__()
 
 
 def shard_bounds(length: int, rank: int, world_size: int) -> tuple[int, int]:

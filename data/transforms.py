@@ -24,7 +24,7 @@ from torchvision.transforms import InterpolationMode
 from timm.data import auto_augment, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 
-from .decode import JPEG_SCALES, decode_rgb, image_size
+from .decode import JPEG_SCALES, ImageInput, decode_rgb, image_size
 
 _TORCH_MODES = ('bilinear', 'bicubic')  # resampled by torch; the others by PIL
 
@@ -67,7 +67,7 @@ def resize_uint8(image: np.ndarray, box: tuple[int, int, int, int], size: tuple[
         return planes.contiguous()
     if interpolation not in _TORCH_MODES:  # nearest, lanczos, ...: PIL, as the official pipeline
         crop = Image.fromarray(np.ascontiguousarray(image[top:top + height, left:left + width]))
-        return _planar(np.asarray(crop.resize(size[::-1], str_to_pil_interp(interpolation))))
+        return _planar(np.array(crop.resize(size[::-1], str_to_pil_interp(interpolation))))
     out = F.interpolate(planes.unsqueeze(0), size=size, mode=interpolation, antialias=True, align_corners=False)
     return out[0].contiguous()
 
@@ -132,7 +132,7 @@ class TrainTransform:
         allow_zero_bit_posterize(secondary)
         self.reduced_decode = config.DATA.REDUCED_DECODE
 
-    def __call__(self, data: bytes) -> torch.Tensor:
+    def __call__(self, data: ImageInput) -> torch.Tensor:
         if self.pad_crop is not None:
             image = _planar(np.array(self.pad_crop(Image.fromarray(decode_rgb(data)))))
         else:
@@ -182,7 +182,7 @@ class EvalTransform:
             return int(short * height / width), short
         return short, int(short * width / height)
 
-    def __call__(self, data: bytes) -> torch.Tensor:
+    def __call__(self, data: ImageInput) -> torch.Tensor:
         if not self.resize_im:
             return _planar(decode_rgb(data))
         width, height = image_size(data)
@@ -198,4 +198,5 @@ class EvalTransform:
 
 
 def build_transform(is_train: bool, config):
+    """The per-image transform of a split: encoded bytes (or a PIL image) -> uint8 (3, S, S)."""
     return TrainTransform(config) if is_train else EvalTransform(config)

@@ -489,3 +489,30 @@ def test_zero_bit_posterize_gives_black_instead_of_an_error(data_root):
         out = op.aug_fn(image, 0)
         assert out.size == image.size and np.asarray(out).max() == 0
         assert np.array_equal(np.asarray(op.aug_fn(image, 4)), np.asarray(image) & 0xF0)
+
+
+def test_train_order_changes_even_without_set_epoch(data_root):
+    config = _config(data_root)
+    _, _, loader_train, _, _ = build_loader(config, rank=0, world_size=1)
+    first = [int(y) for _, batch in loader_train for y in batch]
+    second = [int(y) for _, batch in loader_train for y in batch]
+    assert first != second
+    loader_train.sampler.set_epoch(0)  # naming an epoch reproduces it
+    assert [int(y) for _, batch in loader_train for y in batch] == first
+
+
+def test_transforms_accept_pil_images(data_root):
+    config = _config(data_root)
+    path = FolderSource(os.path.join(data_root, 'val')).samples[0][0]
+    from_bytes = EvalTransform(config)(open(path, 'rb').read())
+    from_pil = EvalTransform(config)(Image.open(path))
+    assert torch.equal(from_bytes, from_pil)
+    assert TrainTransform(config)(Image.open(path)).shape == (3, 64, 64)
+
+
+def test_dataset_exposes_imagefolder_attributes(data_root):
+    dataset = build_dataset(_config(data_root), False)
+    reference = datasets.ImageFolder(os.path.join(data_root, 'val'))
+    assert dataset.classes == reference.classes
+    assert dataset.class_to_idx == reference.class_to_idx
+    assert dataset.targets == reference.targets
