@@ -124,7 +124,7 @@ class TrainTransform:
         crop = primary.transforms[0]
         assert isinstance(crop, RandomResizedCropAndInterpolation), crop
         # official: CIFAR-size inputs take a padded random crop instead of a resized one
-        self.pad_crop = transforms.RandomCrop(size, padding=4) if size <= 32 else None
+        self.pad_crop = transforms.RandomCrop(size, padding=4, pad_if_needed=True) if size <= 32 else None
         self.crop = None if self.pad_crop else crop
         self.size = (size, size)
         self.hflip, self.vflip = config.AUG.HFLIP, config.AUG.VFLIP
@@ -167,7 +167,7 @@ class EvalTransform:
 
     def __init__(self, config):
         self.size = config.DATA.IMG_SIZE
-        self.resize_im = self.size > 32  # official: CIFAR-size inputs are used as they are
+        self.resize_im = self.size > 32  # official: inputs of 32 px or less are not resized
         self.crop = config.TEST.CROP
         name = config.DATA.INTERPOLATION
         self.interpolation = 'bicubic' if name == 'random' else name
@@ -183,8 +183,11 @@ class EvalTransform:
         return short, int(short * width / height)
 
     def __call__(self, data: ImageInput) -> torch.Tensor:
-        if not self.resize_im:
-            return _planar(decode_rgb(data))
+        if not self.resize_im:  # used as they are when already S x S (CIFAR-style data)
+            image = decode_rgb(data)
+            if image.shape[:2] == (self.size, self.size):
+                return _planar(image)
+            return resize_uint8(image, (0, 0, *image.shape[:2]), (self.size, self.size), self.interpolation)
         width, height = image_size(data)
         out_h, out_w = self._resized_shape(height, width)
         reduce = _reduction(height, width, out_h, out_w) if self.reduced_decode else 1
