@@ -547,6 +547,9 @@ def get_config(args: argparse.Namespace) -> CN:
     config.TRAIN.OPTIMIZER.NAME = config.TRAIN.OPTIMIZER.NAME.lower()
     config.TRAIN.LR_SCHEDULER.NAME = config.TRAIN.LR_SCHEDULER.NAME.lower()
     config.AMP_DTYPE = config.AMP_DTYPE.lower()
+    for section, key in (('DATA', 'DATASET'), ('DATA', 'INTERPOLATION'), ('DATA', 'CACHE_MODE'),
+                         ('AUG', 'MIXUP_MODE'), ('AUG', 'REMODE')):
+        config[section][key] = config[section][key].lower()
     validate_config(config)
     config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
     config.freeze()

@@ -11,7 +11,7 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader
 
 from .datasets import ImageDataset, SyntheticDataset
-from .samplers import ShardSampler, TrainSampler
+from .samplers import ShardSampler, TrainSampler, shard_bounds
 from .sources import CachedSource, DataError, FolderSource, ListSource, Source, ZipSource
 from .transforms import build_transform  # noqa: F401 (also data.build.build_transform, as officially)
 
@@ -46,8 +46,10 @@ def _cache(source: Source, config, is_train: bool, rank: int, world_size: int) -
     mode = config.DATA.CACHE_MODE
     if mode == 'no' or not isinstance(source, ZipSource):
         return source
-    if mode == 'part' and is_train:
-        # this rank's share of the bytes in RAM; other samples come from the source, so the
+    if not is_train:  # a rank only ever reads its own validation shard
+        return CachedSource(source, keep=range(*shard_bounds(len(source), rank, world_size)))
+    if mode == 'part':
+        # this rank's share of the bytes in RAM; other samples come from the zip, so the
         # sampler can still deal a fresh permutation of the whole split every epoch
         return CachedSource(source, keep=range(rank, len(source), world_size))
     return CachedSource(source)
@@ -60,7 +62,8 @@ def build_dataset(config, is_train: bool, rank: int = 0, world_size: int = 1, lo
         return SyntheticDataset(length, config.DATA.IMG_SIZE, config.MODEL.NUM_CLASSES, seed=config.SEED)
     source = _cache(build_source(config, split), config, is_train, rank, world_size)
     return ImageDataset(source, build_transform(is_train, config), seed=config.SEED,
-                        max_corrupt_fraction=config.DATA.MAX_CORRUPT_FRACTION, logger_name=logger_name)
+                        max_corrupt_fraction=config.DATA.MAX_CORRUPT_FRACTION, world_size=world_size,
+                        logger_name=logger_name)
 
 
 def build_mixup(config) -> Optional[Mixup]:
@@ -90,6 +93,16 @@ def _check_same_classes(dataset_train, dataset_val) -> None:
                         f"labels would not match")
 
 
+def _data_num_classes(config, dataset_train, dataset_val) -> int:
+    """Folders name their classes; zip maps and 22k lists only number them, so there the
+    count is the largest label + 1 over the splits built, and never below the config's
+    (a split may lack the last classes, and a checkpoint's head must still fit)."""
+    built = [d for d in (dataset_train, dataset_val) if d is not None]
+    if built[0].source.classes is not None:
+        return built[0].num_classes
+    return max([config.MODEL.NUM_CLASSES] + [d.num_classes for d in built])
+
+
 def _set_num_classes(config, num_classes: int, logger: logging.Logger) -> None:
     if config.MODEL.NUM_CLASSES != num_classes:
         logger.info(f'MODEL.NUM_CLASSES set to {num_classes} from the data (the config said '
@@ -109,6 +122,8 @@ def build_loader(config, rank: Optional[int] = None, world_size: Optional[int] =
     entries, mixup_fn too). MODEL.NUM_CLASSES is set from the data, as the official code
     does. Loader batches are uint8 (B, 3, S, S); `data.DevicePreprocessor` turns them into
     normalized float on the device. Rank and world size default to torch.distributed's.
+    config.SEED is the base seed of the training order and the augmentation and must be the
+    same on every rank (seed the model's RNGs with SEED + rank elsewhere).
     """
     if rank is None or world_size is None:
         rank, world_size = _rank_and_world()
@@ -119,7 +134,7 @@ def build_loader(config, rank: Optional[int] = None, world_size: Optional[int] =
     dataset_train = build_dataset(config, True, rank, world_size, logger.name) if build_train else None
     if config.DATA.DATASET.lower() != 'synthetic':
         _check_same_classes(dataset_train, dataset_val)
-        _set_num_classes(config, (dataset_train or dataset_val).num_classes, logger)
+        _set_num_classes(config, _data_num_classes(config, dataset_train, dataset_val), logger)
 
     loader_val = _loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size,
                                                    shuffle=config.TEST.SHUFFLE, seed=config.SEED),

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from .decode import DecodeError
-from .sources import DataError, Source
+from .sources import DataError, SampleTable, Source
 
 _EPOCH, _CORRUPT = 0, 1
 
@@ -56,11 +56,12 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, source: Source, transform: Callable[[bytes], torch.Tensor], *, seed: int = 0,
-                 max_corrupt_fraction: float = 0.001, logger_name: str = 'data'):
+                 max_corrupt_fraction: float = 0.001, world_size: int = 1, logger_name: str = 'data'):
         self.source = source
         self.transform = transform
         self.seed = seed
-        self.max_corrupt = int(max_corrupt_fraction * len(source))
+        # each rank counts what its own share meets
+        self.max_corrupt = int(max_corrupt_fraction * len(source) / world_size)
         self.logger_name = logger_name
         # [epoch, corrupt count] and which samples were found unreadable, shared with the
         # forked loader workers so the count is global and each file is reported once
@@ -75,13 +76,13 @@ class ImageDataset(Dataset):
         return self.source.num_classes
 
     @property
-    def samples(self) -> list[tuple[str, int]]:
+    def samples(self) -> SampleTable:
         return self.source.samples
 
     @property
     def classes(self) -> list[str]:
         """Class names (folder names; label numbers as text for zip and list layouts)."""
-        return getattr(self.source, 'classes', None) or [str(i) for i in range(self.num_classes)]
+        return self.source.classes or [str(i) for i in range(self.num_classes)]
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -89,7 +90,7 @@ class ImageDataset(Dataset):
 
     @property
     def targets(self) -> list[int]:
-        return [label for _, label in self.source.samples]
+        return self.source.samples.labels.tolist()
 
     @property
     def corrupt_count(self) -> int:
@@ -109,7 +110,7 @@ class ImageDataset(Dataset):
         for _ in range(len(self)):
             if not self._unreadable[index]:
                 try:
-                    return self.transform(self.source.read(index)), self.source.samples[index][1]
+                    return self.transform(self.source.read(index)), self.source.label(index)
                 except (DecodeError, OSError) as e:
                     self._record_corrupt(index, e)
             index = (index + 1) % len(self)
@@ -126,7 +127,8 @@ class ImageDataset(Dataset):
             f'unreadable image {where} ({error}); replaced by the next sample ({count} so far)')
         if count > self.max_corrupt:
             raise DataError(f"{count} unreadable images (the last: '{where}') exceed "
-                            f"DATA.MAX_CORRUPT_FRACTION of {len(self)} images; fix or remove them")
+                            f"DATA.MAX_CORRUPT_FRACTION of this rank's share of {len(self)} images; "
+                            f"fix or remove them")
 
 
 class SyntheticDataset(Dataset):

@@ -2,8 +2,8 @@
 
 JPEGs go through simplejpeg (libjpeg-turbo, the same decoder and settings PIL uses, so the
 pixels are identical, in about three quarters of PIL's time) and may be decoded at 1/2, 1/4
-or 1/8 scale in the DCT domain; everything else, and any JPEG simplejpeg refuses (CMYK, for
-example), goes through PIL as in the official pipeline.
+or 1/8 scale in the DCT domain; everything else, CMYK JPEGs (whose conversion PIL does its
+own way) and any JPEG simplejpeg refuses go through PIL as in the official pipeline.
 """
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ except ImportError:  # pragma: no cover - exercised only where simplejpeg is abs
     simplejpeg = None
 
 JPEG_SCALES = (8, 4, 2, 1)  # DCT scaling denominators libjpeg-turbo runs at SIMD speed
+
+
+# what PIL raises for a file that is not a readable image (the bomb error: > 2x its pixel limit)
+_PIL_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class DecodeError(ValueError):
@@ -46,10 +50,12 @@ def image_size(data: ImageInput) -> tuple[int, int]:
         except ValueError:
             pass
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DecodeError(f'not a readable image ({e})') from None
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return img.size
+    except _PIL_ERRORS as e:
+        raise DecodeError(f'not a readable image ({type(e).__name__}: {e})') from None
 
 
 def decode_rgb(data: ImageInput, reduce: int = 1) -> np.ndarray:
@@ -62,23 +68,22 @@ def decode_rgb(data: ImageInput, reduce: int = 1) -> np.ndarray:
         return data
     if simplejpeg is not None and _is_jpeg(data):
         try:
-            if reduce == 1:
-                return simplejpeg.decode_jpeg(data, colorspace='RGB')
-            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-            return simplejpeg.decode_jpeg(data, colorspace='RGB', min_height=-(-height // reduce),
-                                          min_width=-(-width // reduce), min_factor=reduce)
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            if colorspace != 'CMYK':  # PIL's CMYK -> RGB conversion differs from libjpeg's
+                return simplejpeg.decode_jpeg(data, colorspace='RGB', min_height=-(-height // reduce),
+                                              min_width=-(-width // reduce), min_factor=reduce)
         except ValueError:
-            pass  # CMYK, arithmetic coding, or corrupt: PIL decides which
+            pass  # arithmetic coding or corrupt: PIL decides which
     return _decode_with_pil(data, reduce)
 
 
 def _decode_with_pil(data: bytes, reduce: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter('error', Image.DecompressionBombWarning)
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # large is fine
             with Image.open(io.BytesIO(data)) as img:
                 if reduce > 1 and img.format == 'JPEG':
                     img.draft('RGB', (-(-img.size[0] // reduce), -(-img.size[1] // reduce)))
                 return np.array(img.convert('RGB'))  # writable, as torch.from_numpy wants
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as e:
+    except _PIL_ERRORS as e:
         raise DecodeError(f'not a readable image ({type(e).__name__}: {e})') from None

@@ -1,23 +1,29 @@
 """Where encoded images come from: an ImageFolder tree, a zip with a map file, the
-ImageNet-22k list layout, or an in-memory cache of any of them.
+ImageNet-22k list layout, or an in-memory cache of a zip.
 
 A source lists `samples` as (name, label) pairs and returns the encoded bytes of one with
 `read(index)`; decoding and augmentation happen in the dataset. Every layout problem found
 while listing (missing folder, empty class, stray file, member missing from a zip) raises
-`DataError` with one line naming the path.
+`DataError` with one line naming the path. A sample that cannot be read later raises
+`OSError` or `DecodeError`, which the dataset counts and replaces.
 """
 from __future__ import annotations
 
 import json
 import os
 import zipfile
+import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Optional
 
 import numpy as np
 
+from .decode import DecodeError
+
 # torchvision's list, so the same files count as images
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+_CACHE_THREADS = 8  # file reads release the GIL
 
 
 class DataError(ValueError):
@@ -31,9 +37,42 @@ class DataError(ValueError):
         super().__init__(message)
 
 
+class SampleTable(Sequence):
+    """(name, label) pairs in two NumPy buffers instead of a list of tuples: forked loader
+    workers touching Python objects would copy their pages (hundreds of MB per worker for
+    ImageNet, GBs for 22k); plain arrays stay shared."""
+
+    def __init__(self, pairs: Iterable[tuple[str, int]]):
+        names, labels = [], []
+        for name, label in pairs:
+            names.append(name.encode('utf-8', 'surrogateescape'))
+            labels.append(label)
+        self._offsets = np.cumsum([0] + [len(n) for n in names], dtype=np.int64)
+        self._names = np.frombuffer(b''.join(names), dtype=np.uint8)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def name(self, index: int) -> str:
+        raw = self._names[self._offsets[index]:self._offsets[index + 1]].tobytes()
+        return raw.decode('utf-8', 'surrogateescape')
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        return self.name(index), int(self.labels[index])
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+
 class Source:
-    samples: list[tuple[str, int]]
+    samples: SampleTable
     num_classes: int
+    classes: Optional[list[str]] = None  # class names where the layout has them (folders)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -41,19 +80,23 @@ class Source:
     def read(self, index: int) -> bytes:
         raise NotImplementedError
 
-    def nbytes(self, index: int) -> int:
-        """Encoded size of one sample, to size a cache before reading it."""
-        raise NotImplementedError
+    def label(self, index: int) -> int:
+        return int(self.samples.labels[index])
 
     def describe(self, index: int) -> str:
         """The sample's location, for messages."""
-        return self.samples[index][0]
+        return self.samples.name(index)
 
 
 def _require_dir(path: str, what: str) -> None:
     if not os.path.isdir(path):
         raise DataError(f"{what} '{path}' is not a directory" if os.path.exists(path)
                         else f"{what} '{path}' does not exist")
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, 'rb') as f:  # OSError (missing, unreadable) is counted by the dataset
+        return f.read()
 
 
 class FolderSource(Source):
@@ -68,9 +111,9 @@ class FolderSource(Source):
             raise DataError(f"'{root}' has no class folders (expected {root}/<class>/<image>.jpg)")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.num_classes = len(self.classes)
-        self.samples = []
+        pairs = []
         for name in self.classes:
-            start = len(self.samples)
+            start = len(pairs)
             for dirpath, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
                 for fname in sorted(files):
                     path = os.path.join(dirpath, fname)
@@ -79,41 +122,32 @@ class FolderSource(Source):
                     if not fname.lower().endswith(IMG_EXTENSIONS):
                         raise DataError(f"'{path}' is not an image file (expected one of "
                                         f"{', '.join(IMG_EXTENSIONS)}); move it out of the dataset")
-                    self.samples.append((path, self.class_to_idx[name]))
-            if len(self.samples) == start:
+                    pairs.append((path, self.class_to_idx[name]))
+            if len(pairs) == start:
                 raise DataError(f"class folder '{os.path.join(root, name)}' has no images")
+        self.samples = SampleTable(pairs)
 
     def read(self, index: int) -> bytes:
-        with open(self.samples[index][0], 'rb') as f:
-            return f.read()
-
-    def nbytes(self, index: int) -> int:
-        return os.path.getsize(self.samples[index][0])
+        return _read_file(self.samples.name(index))
 
 
 def _read_map(map_path: str) -> list[tuple[str, int]]:
     """Lines of `<member path><tab or space><label>` (the official *_map.txt files)."""
     if not os.path.isfile(map_path):
         raise DataError(f"map file '{map_path}' does not exist")
-    samples = []
+    pairs = []
     with open(map_path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             parts = line.rstrip('\n').rsplit('\t', 1) if '\t' in line else line.split()
-            if len(parts) != 2 or not parts[1].strip().lstrip('-').isdigit():
-                raise DataError(f"{map_path}:{lineno}: expected '<path>\\t<label>', got {line.strip()!r}")
-            samples.append((parts[0].strip(), int(parts[1])))
-    if not samples:
+            if len(parts) != 2 or not parts[1].strip().isdigit():
+                raise DataError(f"{map_path}:{lineno}: expected '<path>\\t<label>' with a label >= 0, "
+                                f"got {line.strip()!r}")
+            pairs.append((parts[0].strip(), int(parts[1])))
+    if not pairs:
         raise DataError(f"map file '{map_path}' lists no images")
-    return samples
-
-
-def _num_classes(samples: Iterable[tuple[str, int]], where: str) -> int:
-    labels = [label for _, label in samples]
-    if min(labels) < 0:
-        raise DataError(f"'{where}' has a negative label {min(labels)}")
-    return max(labels) + 1
+    return pairs
 
 
 class ZipSource(Source):
@@ -126,17 +160,17 @@ class ZipSource(Source):
         if not os.path.isfile(zip_path):
             raise DataError(f"zip file '{zip_path}' does not exist")
         self.zip_path = zip_path
-        self.samples = _read_map(map_path)
+        pairs = _read_map(map_path)
         try:
             with zipfile.ZipFile(zip_path) as zf:
-                infos = {info.filename: info for info in zf.infolist()}
+                members = set(zf.namelist())
         except zipfile.BadZipFile as e:
             raise DataError(f"'{zip_path}' is not a readable zip file ({e})") from None
-        for member, _ in self.samples:
-            if member not in infos:
+        for member, _ in pairs:
+            if member not in members:
                 raise DataError(f"'{member}' is listed in '{map_path}' but missing from '{zip_path}'")
-        self._sizes = [infos[member].file_size for member, _ in self.samples]
-        self.num_classes = _num_classes(self.samples, map_path)
+        self.samples = SampleTable(pairs)
+        self.num_classes = int(self.samples.labels.max()) + 1
         self._handle: Optional[zipfile.ZipFile] = None
         self._pid = -1
 
@@ -144,13 +178,13 @@ class ZipSource(Source):
         if self._pid != os.getpid():
             self._handle = zipfile.ZipFile(self.zip_path)
             self._pid = os.getpid()
-        return self._handle.read(self.samples[index][0])
-
-    def nbytes(self, index: int) -> int:
-        return self._sizes[index]
+        try:
+            return self._handle.read(self.samples.name(index))
+        except (zipfile.BadZipFile, zlib.error) as e:  # damaged member: bad CRC or deflate data
+            raise DecodeError(f'damaged zip member ({e})') from None
 
     def describe(self, index: int) -> str:
-        return f'{self.zip_path}@/{self.samples[index][0]}'
+        return f'{self.zip_path}@/{self.samples.name(index)}'
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -172,49 +206,50 @@ class ListSource(Source):
             with open(list_path) as f:
                 try:
                     entries = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"image list '{list_path}' is not valid JSON ({e})") from None
-            self.samples = [(os.path.join(root, str(p)), int(label)) for p, label in entries]
+                    pairs = [(os.path.join(root, str(p)), int(label)) for p, label in entries]
+                except (json.JSONDecodeError, ValueError, TypeError) as e:
+                    raise DataError(f"image list '{list_path}' is not a JSON list of [path, label] ({e})") from None
         else:
-            self.samples = [(os.path.join(root, p), label) for p, label in _read_map(list_path)]
-        if not self.samples:
+            pairs = [(os.path.join(root, p), label) for p, label in _read_map(list_path)]
+        if not pairs:
             raise DataError(f"image list '{list_path}' lists no images")
-        self.num_classes = _num_classes(self.samples, list_path)
+        if min(label for _, label in pairs) < 0:
+            raise DataError(f"image list '{list_path}' has a negative label")
+        self.samples = SampleTable(pairs)
+        self.num_classes = int(self.samples.labels.max()) + 1
 
     def read(self, index: int) -> bytes:
-        path = self.samples[index][0]
-        try:
-            with open(path, 'rb') as f:
-                return f.read()
-        except FileNotFoundError:
-            raise DataError(f"'{path}' is listed but does not exist") from None
-
-    def nbytes(self, index: int) -> int:
-        return os.path.getsize(self.samples[index][0])
+        return _read_file(self.samples.name(index))
 
 
 class CachedSource(Source):
-    """Encoded bytes of `keep` (default: all samples) held in RAM; the rest are read from
-    the wrapped source. One flat byte array plus offsets, not a Python object per image:
-    forked loader workers then share the pages instead of copying them as they touch
-    reference counts."""
+    """Encoded bytes of the zip members `keep` (default: all) held in RAM; the rest are read
+    from the zip. One flat byte array plus offsets, not a Python object per image: forked
+    loader workers then share the pages instead of copying them as they touch reference
+    counts. A member that cannot be read is left out of the cache, to be counted when read."""
 
-    def __init__(self, source: Source, keep: Optional[Iterable[int]] = None, threads: int = 8):
+    def __init__(self, source: ZipSource, keep: Optional[Iterable[int]] = None):
         self.source = source
         self.samples = source.samples
         self.num_classes = source.num_classes
         indices = np.arange(len(source)) if keep is None else np.fromiter(keep, dtype=np.int64)
-        sizes = np.array([source.nbytes(int(i)) for i in indices], dtype=np.int64)
+        with zipfile.ZipFile(source.zip_path) as zf:
+            sizes = np.array([zf.getinfo(source.samples.name(int(i))).file_size for i in indices], dtype=np.int64)
         self._slot = np.full(len(source), -1, dtype=np.int64)
         self._slot[indices] = np.arange(len(indices))
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
         self._bytes = np.empty(int(self._offsets[-1]), dtype=np.uint8)
 
         def fill(slot: int) -> None:
-            data = source.read(int(indices[slot]))
+            index = int(indices[slot])
+            try:
+                data = source.read(index)
+            except (DecodeError, OSError):
+                self._slot[index] = -1
+                return
             self._bytes[self._offsets[slot]:self._offsets[slot + 1]] = np.frombuffer(data, dtype=np.uint8)
 
-        with ThreadPoolExecutor(max_workers=threads) as pool:  # file reads release the GIL
+        with ThreadPoolExecutor(max_workers=_CACHE_THREADS) as pool:
             list(pool.map(fill, range(len(indices))))
 
     @property
@@ -226,9 +261,6 @@ class CachedSource(Source):
         if slot < 0:
             return self.source.read(index)
         return self._bytes[self._offsets[slot]:self._offsets[slot + 1]].tobytes()
-
-    def nbytes(self, index: int) -> int:
-        return self.source.nbytes(index)
 
     def describe(self, index: int) -> str:
         return self.source.describe(index)

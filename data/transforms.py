@@ -89,14 +89,14 @@ def _reduction(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
     return 1
 
 
-def _scaled_box(box, shape, full_h, full_w):
-    """Map a crop box from full-resolution coordinates onto an image decoded at reduced size."""
+def _scaled_box(box, reduce: int, shape) -> tuple[int, int, int, int]:
+    """Map a crop box from full-resolution coordinates onto an image decoded at 1/reduce,
+    rounding both edges so the box does not drift towards the top-left."""
     top, left, height, width = box
-    sy, sx = shape[0] / full_h, shape[1] / full_w
-    t, l = int(top * sy), int(left * sx)
-    h = max(1, min(shape[0] - t, round(height * sy)))
-    w = max(1, min(shape[1] - l, round(width * sx)))
-    return t, l, h, w
+    t, l = round(top / reduce), round(left / reduce)
+    b = min(shape[0], max(t + 1, round((top + height) / reduce)))
+    r = min(shape[1], max(l + 1, round((left + width) / reduce)))
+    return t, l, b - t, r - l
 
 
 def _size_only(width: int, height: int) -> torch.Tensor:
@@ -143,8 +143,8 @@ class TrainTransform:
                 interpolation = random.choice(interpolation)
             reduce = _reduction(box[2], box[3], *self.size) if self.reduced_decode else 1
             image = decode_rgb(data, reduce)
-            if image.shape[:2] != (height, width):
-                box = _scaled_box(box, image.shape, height, width)
+            if image.shape[:2] != (height, width):  # the scale the decoder actually chose
+                box = _scaled_box(box, round(height / image.shape[0]), image.shape)
             image = resize_uint8(image, box, self.size, _mode_name(interpolation))
         # same draws as torchvision's RandomHorizontalFlip / RandomVerticalFlip
         hflip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
@@ -169,8 +169,9 @@ class EvalTransform:
         self.size = config.DATA.IMG_SIZE
         self.resize_im = self.size > 32  # official: inputs of 32 px or less are not resized
         self.crop = config.TEST.CROP
+        # the official test transform: bicubic, lanczos and hamming as named, others bilinear
         name = config.DATA.INTERPOLATION
-        self.interpolation = 'bicubic' if name == 'random' else name
+        self.interpolation = name if name in ('bicubic', 'lanczos', 'hamming') else 'bilinear'
         self.reduced_decode = config.DATA.REDUCED_DECODE
 
     def _resized_shape(self, height: int, width: int) -> tuple[int, int]:

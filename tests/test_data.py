@@ -136,9 +136,13 @@ def test_imagenet22k_list_layout(data_root, tmp_path):
         with open(os.path.join(data_root, f'ILSVRC2011fall_whole_map_{split}.txt'), 'w') as f:
             json.dump(entries, f)
     try:
-        config = _config(data_root, **{'DATA.DATASET': 'imagenet22k'})
+        config = _config(data_root, **{'DATA.DATASET': 'imagenet22k', 'MODEL.NUM_CLASSES': 2})
         train, val, loader_train, _, _ = build_loader(config, rank=0, world_size=1)
-        assert len(val) == len(entries) and config.MODEL.NUM_CLASSES == 3
+        assert len(val) == len(entries) and config.MODEL.NUM_CLASSES == 3  # labels 0..2 need 3
+        # lists only number their classes: a larger configured head is kept
+        config = _config(data_root, **{'DATA.DATASET': 'imagenet22k', 'MODEL.NUM_CLASSES': 21841})
+        build_loader(config, rank=0, world_size=1)
+        assert config.MODEL.NUM_CLASSES == 21841
         images, labels = next(iter(loader_train))
         assert images.shape == (4, 3, 64, 64)
     finally:
@@ -565,3 +569,62 @@ def test_torchrun_ranks_shard_validation_exactly(data_root, tmp_path, world_size
     for epoch in range(2):  # training shares partition the (padded) split every epoch
         assert len(set(i for r in results for i in r['train'][epoch])) == 24
     assert results[0]['train'][0] != results[0]['train'][1]
+
+
+@pytest.mark.parametrize('cache_mode', ['no', 'full'])
+def test_damaged_zip_member_is_counted_not_fatal(data_root, tmp_path, cache_mode):
+    _zip_split(data_root, 'val', str(tmp_path))
+    member_bytes = open(FolderSource(os.path.join(data_root, 'val')).samples[2][0], 'rb').read()
+    blob = bytearray((tmp_path / 'val.zip').read_bytes())
+    at = blob.find(member_bytes) + len(member_bytes) // 2  # stored members sit verbatim in the zip
+    blob[at] ^= 0xFF
+    (tmp_path / 'val.zip').write_bytes(bytes(blob))
+    config = _config(str(tmp_path), **{'DATA.ZIP_MODE': True, 'DATA.CACHE_MODE': cache_mode,
+                                       'EVAL_MODE': True, 'DATA.MAX_CORRUPT_FRACTION': 0.2})
+    _, val, _, loader_val, _ = build_loader(config, rank=0, world_size=1)
+    assert sum(len(x) for x, _ in loader_val) == 15
+    assert val.corrupt_count == 1
+
+
+def test_missing_listed_image_is_counted_not_fatal(data_root, tmp_path):
+    entries = [[os.path.relpath(p, data_root), label]
+               for p, label in FolderSource(os.path.join(data_root, 'val')).samples]
+    entries.append(['val/a_cls/ghost.jpg', 1])
+    os.symlink(os.path.join(data_root, 'val'), tmp_path / 'val')
+    (tmp_path / 'ILSVRC2011fall_whole_map_val.txt').write_text(json.dumps(entries))
+    config = _config(str(tmp_path), **{'DATA.DATASET': 'imagenet22k', 'EVAL_MODE': True,
+                                       'DATA.MAX_CORRUPT_FRACTION': 0.1})
+    _, val, _, loader_val, _ = build_loader(config, rank=0, world_size=1)
+    assert sum(len(x) for x, _ in loader_val) == 16 and val.corrupt_count == 1
+
+
+def test_validation_cache_holds_only_the_ranks_shard(zip_root):
+    config = _config(zip_root, **{'DATA.ZIP_MODE': True, 'DATA.CACHE_MODE': 'full'})
+    val = build_dataset(config, False, rank=1, world_size=3)
+    assert val.source.cached == 5  # 15 images over 3 ranks
+
+
+def test_choice_values_are_case_insensitive(data_root, tmp_path):
+    from config import get_config
+    import argparse
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('DATA:\n  INTERPOLATION: Bicubic\n  CACHE_MODE: Part\n  DATASET: ImageNet\n'
+                   'AUG:\n  MIXUP_MODE: Pair\n  REMODE: Pixel\n')
+    config = get_config(argparse.Namespace(cfg=str(cfg)))
+    assert (config.DATA.INTERPOLATION, config.DATA.CACHE_MODE, config.DATA.DATASET) == ('bicubic', 'part', 'imagenet')
+    assert (config.AUG.MIXUP_MODE, config.AUG.REMODE) == ('pair', 'pixel')
+
+
+def test_reduced_decode_box_mapping_has_no_drift():
+    from data.transforms import _scaled_box
+    assert _scaled_box((3, 5, 100, 60), 4, (250, 250)) == (1, 1, 25, 15)
+    rng = random.Random(0)
+    errors = []
+    for _ in range(2000):
+        r = rng.choice([2, 4, 8])
+        h, w = rng.randint(r, 400), rng.randint(r, 400)
+        top, left = rng.randint(0, 500 - h), rng.randint(0, 500 - w)
+        t, l, hh, ww = _scaled_box((top, left, h, w), r, (-(-500 // r), -(-500 // r)))
+        errors += [(t * r - top) / r, (l * r - left) / r, ((t + hh) * r - top - h) / r]
+        assert hh >= 1 and ww >= 1
+    assert abs(float(np.mean(errors))) < 0.05 and max(map(abs, errors)) <= 0.5 + 1e-9
