@@ -628,3 +628,14 @@ def test_reduced_decode_box_mapping_has_no_drift():
         errors += [(t * r - top) / r, (l * r - left) / r, ((t + hh) * r - top - h) / r]
         assert hh >= 1 and ww >= 1
     assert abs(float(np.mean(errors))) < 0.05 and max(map(abs, errors)) <= 0.5 + 1e-9
+
+
+def test_without_simplejpeg_pil_decodes_the_same(data_root, monkeypatch):
+    """Machines without simplejpeg (it is optional) decode through PIL: same pixels."""
+    import data.decode as decode
+    config = _config(data_root)
+    data = open(FolderSource(os.path.join(data_root, 'val')).samples[4][0], 'rb').read()
+    with_simplejpeg = EvalTransform(config)(data)
+    monkeypatch.setattr(decode, 'simplejpeg', None)
+    assert torch.equal(EvalTransform(config)(data), with_simplejpeg)
+    assert decode.decode_rgb(data, 2).shape[0] < decode.decode_rgb(data).shape[0]  # PIL draft
