@@ -487,6 +487,12 @@ def validate_config(config: CN) -> None:
     _validate_architecture(config.MODEL.SWIN, 'MODEL.SWIN')
 
 
+def mixup_active(config: CN) -> bool:
+    """Whether mixup or cutmix is on (either alpha > 0, or a cutmix min/max ratio)."""
+    aug = config.AUG
+    return aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
+
+
 def _validate_data(config: CN) -> None:
     data, aug = config.DATA, config.AUG
     _check_choice(data.DATASET, DATASETS, 'DATA.DATASET')
@@ -508,8 +514,7 @@ def _validate_data(config: CN) -> None:
         _check(len(lo_hi) == 2 and 0.0 < lo_hi[0] < lo_hi[1] <= 1.0,
                f"AUG.CUTMIX_MINMAX must be [min, max] with 0 < min < max <= 1, got {lo_hi}")
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
-    mixing = aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
-    _check(not (training and mixing and data.BATCH_SIZE % 2), f"DATA.BATCH_SIZE {data.BATCH_SIZE} must be even when "
+    _check(not (training and mixup_active(config) and data.BATCH_SIZE % 2), f"DATA.BATCH_SIZE {data.BATCH_SIZE} must be even when "
            f"mixup/cutmix is on (images are mixed in pairs); use an even batch or AUG.MIXUP 0 AUG.CUTMIX 0")
 
 

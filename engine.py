@@ -32,7 +32,8 @@ def write_config(config, output_dir: str) -> None:
     os.replace(tmp, path)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a timer measures it (a no-op on the CPU)."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
@@ -49,12 +50,12 @@ def throughput(model: torch.nn.Module, config, device: torch.device, logger) -> 
     with autocast_context(config, device):
         for _ in range(warmup):
             model(images)
-        _synchronize(device)
+        synchronize(device)
         logger.info(f'throughput averaged over {timed} batches')
         tic = time.perf_counter()
         for _ in range(timed):
             model(images)
-        _synchronize(device)
+        synchronize(device)
     rate = timed * batch / (time.perf_counter() - tic)
     precision = config.AMP_DTYPE if config.AMP_ENABLE else 'fp32'
     logger.info(f'batch_size {batch} throughput {rate:.1f} images/s ({device.type}, {precision}, synthetic input)')

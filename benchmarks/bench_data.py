@@ -61,6 +61,7 @@ from torchvision.transforms import InterpolationMode  # noqa: E402
 
 import config as config_module  # noqa: E402
 from data import DataError, DevicePreprocessor, build_loader  # noqa: E402
+from engine import synchronize  # noqa: E402
 from data.transforms import allow_zero_bit_posterize  # noqa: E402
 
 
@@ -343,20 +344,16 @@ def time_device_step(root: str, args, batch: tuple, device: torch.device, repeat
     if mixup_fn is not None and len(images) % 2:
         mixup_fn = None  # timm's mixup mixes pairs: an odd batch cannot be mixed
 
-    def sync() -> None:
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-
     prep_s, mix_s = [], []
     for i in range(repeats + 1):  # the first is a warm-up
-        sync()
+        synchronize(device)
         tic = time.perf_counter()
         x, y = prep(images, targets)
-        sync()
+        synchronize(device)
         mid = time.perf_counter()
         if mixup_fn is not None:
             mixup_fn(x, y)
-        sync()
+        synchronize(device)
         if i:
             prep_s.append(mid - tic)
             mix_s.append(time.perf_counter() - mid)

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 from timm.models.swin_transformer import checkpoint_filter_fn  # noqa: E402
 
+from engine import synchronize  # noqa: E402
 from models.swin_transformer import SwinTransformer  # noqa: E402
 
 ARCHS = {  # official architecture and training drop-path rate per size
@@ -51,11 +52,6 @@ def build_pair(arch: str, img_size: int, window: int, device: torch.device):
                                drop_path_rate=kwargs['drop_path_rate'])
     theirs.load_state_dict(checkpoint_filter_fn(ours.state_dict(), theirs), strict=True)
     return {'ours': ours.to(device), 'timm': theirs.to(device)}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 class Runner:
@@ -93,11 +89,11 @@ class Runner:
 
     def timed(self, steps: int) -> float:
         """Seconds per step over `steps` steps."""
-        sync(self.device)
+        synchronize(self.device)
         tic = time.perf_counter()
         for _ in range(steps):
             self.step()
-        sync(self.device)
+        synchronize(self.device)
         return (time.perf_counter() - tic) / steps
 
 
@@ -114,7 +110,7 @@ def measure(args, device: torch.device, batch: int) -> list[dict]:
                 tic = time.perf_counter()
                 for _ in range(args.warmup):  # the first call compiles
                     runner.step()
-                sync(device)
+                synchronize(device)
                 runners[impl] = (runner, time.perf_counter() - tic)
             times = {impl: [] for impl in runners}
             for r in range(args.rounds):

@@ -10,6 +10,8 @@ import torch.distributed as dist
 from timm.data import Mixup
 from torch.utils.data import DataLoader
 
+from config import mixup_active
+
 from .datasets import ImageDataset, SyntheticDataset
 from .samplers import ShardSampler, TrainSampler, shard_bounds
 from .sources import CachedSource, DataError, FolderSource, ListSource, Source, ZipSource
@@ -68,9 +70,9 @@ def build_dataset(config, is_train: bool, rank: int = 0, world_size: int = 1, lo
 
 def build_mixup(config) -> Optional[Mixup]:
     """timm's Mixup from the AUG keys, or None when neither mixup nor cutmix is on."""
-    aug = config.AUG
-    if not (aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None):
+    if not mixup_active(config):
         return None
+    aug = config.AUG
     return Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX,
                  cutmix_minmax=list(aug.CUTMIX_MINMAX) if aug.CUTMIX_MINMAX is not None else None,
                  prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
@@ -86,7 +88,7 @@ def _loader(dataset, sampler, config, is_train: bool) -> DataLoader:
 
 
 def _check_same_classes(dataset_train, dataset_val) -> None:
-    classes = [getattr(d.source, 'classes', None) for d in (dataset_train, dataset_val) if d is not None]
+    classes = [d.source.classes for d in (dataset_train, dataset_val) if d is not None]
     if len(classes) == 2 and classes[0] is not None and classes[0] != classes[1]:
         only = sorted(set(classes[0]) ^ set(classes[1]))
         raise DataError(f"train/ and val/ have different class folders (for example '{only[0]}'); "

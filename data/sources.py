@@ -163,13 +163,14 @@ class ZipSource(Source):
         pairs = _read_map(map_path)
         try:
             with zipfile.ZipFile(zip_path) as zf:
-                members = set(zf.namelist())
+                sizes = {info.filename: info.file_size for info in zf.infolist()}
         except zipfile.BadZipFile as e:
             raise DataError(f"'{zip_path}' is not a readable zip file ({e})") from None
         for member, _ in pairs:
-            if member not in members:
+            if member not in sizes:
                 raise DataError(f"'{member}' is listed in '{map_path}' but missing from '{zip_path}'")
         self.samples = SampleTable(pairs)
+        self.sizes = np.array([sizes[member] for member, _ in pairs], dtype=np.int64)  # for the cache
         self.num_classes = int(self.samples.labels.max()) + 1
         self._handle: Optional[zipfile.ZipFile] = None
         self._pid = -1
@@ -233,8 +234,7 @@ class CachedSource(Source):
         self.samples = source.samples
         self.num_classes = source.num_classes
         indices = np.arange(len(source)) if keep is None else np.fromiter(keep, dtype=np.int64)
-        with zipfile.ZipFile(source.zip_path) as zf:
-            sizes = np.array([zf.getinfo(source.samples.name(int(i))).file_size for i in indices], dtype=np.int64)
+        sizes = source.sizes[indices]
         self._slot = np.full(len(source), -1, dtype=np.int64)
         self._slot[indices] = np.arange(len(indices))
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
