@@ -57,6 +57,9 @@ _C.DATA.REDUCED_DECODE = False
 _C.DATA.MAX_CORRUPT_FRACTION = 0.001
 # [New] Images in the train and val splits of DATA.DATASET 'synthetic'
 _C.DATA.SYNTHETIC_LENGTH = [12800, 2560]
+# [New] A built-in dataset written to DATA.DATA_PATH as an image folder when that path does
+# not exist yet: '' (none) or 'digits' (scikit-learn's handwritten digits, for the demo)
+_C.DATA.PREPARE = ''
 
 # -----------------------------------------------------------------------------
 # Model settings
@@ -126,6 +129,10 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 # Activation checkpointing to save memory
 _C.TRAIN.USE_CHECKPOINT = False
+# [New] How BASE_LR, WARMUP_LR and MIN_LR follow the effective batch (batch x world size x
+# accumulation): 'linear' multiplies them by batch / 512 (the official rule), 'sqrt' by
+# sqrt(batch / 512), 'none' uses them as written
+_C.TRAIN.LR_SCALING = 'linear'
 
 # LR scheduler
 _C.TRAIN.LR_SCHEDULER = CN()
@@ -147,6 +154,8 @@ _C.TRAIN.OPTIMIZER.EPS = 1e-8
 _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
 # SGD momentum
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+# [New] SGD with Nesterov momentum (the official code always uses it)
+_C.TRAIN.OPTIMIZER.NESTEROV = True
 
 # Layer-wise LR decay for fine-tuning
 _C.TRAIN.LAYER_DECAY = 1.0
@@ -205,6 +214,9 @@ _C.OUTPUT = 'output'
 _C.TAG = 'default'
 # Frequency (epochs) to save checkpoints
 _C.SAVE_FREQ = 1
+# [New] Epoch checkpoints kept in the output folder (the oldest are deleted); 0 keeps all.
+# best.pth and the last epoch's checkpoint are always kept
+_C.SAVE_KEEP_LAST = 3
 # Frequency (steps) to log
 _C.PRINT_FREQ = 10
 # Random seed (each rank adds its rank)
@@ -225,6 +237,8 @@ OPTIMIZERS = ('adamw', 'sgd')
 LR_SCHEDULERS = ('cosine', 'linear', 'step', 'multistep')
 CACHE_MODES = ('no', 'part', 'full')
 AMP_DTYPES = ('bf16', 'fp16')
+LR_SCALINGS = ('linear', 'sqrt', 'none')
+PREPARED_DATASETS = ('', 'digits')
 DATASETS = ('imagenet', 'imagenet22k', 'synthetic')
 INTERPOLATIONS = ('bicubic', 'bilinear', 'random', 'nearest', 'lanczos', 'hamming', 'box')
 MIXUP_MODES = ('batch', 'pair', 'elem')
@@ -483,6 +497,10 @@ def validate_config(config: CN) -> None:
         _check_non_negative(config.TRAIN.CLIP_GRAD, 'TRAIN.CLIP_GRAD')
     _check_choice(config.TRAIN.OPTIMIZER.NAME, OPTIMIZERS, 'TRAIN.OPTIMIZER.NAME')
     _check_choice(config.TRAIN.LR_SCHEDULER.NAME, LR_SCHEDULERS, 'TRAIN.LR_SCHEDULER.NAME')
+    _check_choice(config.TRAIN.LR_SCALING, LR_SCALINGS, 'TRAIN.LR_SCALING')
+    _check(config.SAVE_FREQ >= 1, f"SAVE_FREQ must be >= 1 (epochs), got {config.SAVE_FREQ}")
+    _check(config.SAVE_KEEP_LAST >= 0, f"SAVE_KEEP_LAST must be >= 0 (0 keeps all), got {config.SAVE_KEEP_LAST}")
+    _check(config.PRINT_FREQ >= 1, f"PRINT_FREQ must be >= 1 (steps), got {config.PRINT_FREQ}")
     _check_choice(config.AMP_DTYPE, AMP_DTYPES, 'AMP_DTYPE')
     _validate_architecture(config.MODEL.SWIN, 'MODEL.SWIN')
 
@@ -497,6 +515,7 @@ def _validate_data(config: CN) -> None:
     data, aug = config.DATA, config.AUG
     _check_choice(data.DATASET, DATASETS, 'DATA.DATASET')
     _check_choice(data.INTERPOLATION, INTERPOLATIONS, 'DATA.INTERPOLATION')
+    _check_choice(data.PREPARE, PREPARED_DATASETS, 'DATA.PREPARE')
     _check(data.PREFETCH_FACTOR >= 1, f"DATA.PREFETCH_FACTOR must be >= 1, got {data.PREFETCH_FACTOR}")
     _check(0.0 <= data.MAX_CORRUPT_FRACTION <= 1.0,
            f"DATA.MAX_CORRUPT_FRACTION must be in [0, 1], got {data.MAX_CORRUPT_FRACTION}")
@@ -551,6 +570,8 @@ def get_config(args: argparse.Namespace) -> CN:
     config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', 0))
     config.TRAIN.OPTIMIZER.NAME = config.TRAIN.OPTIMIZER.NAME.lower()
     config.TRAIN.LR_SCHEDULER.NAME = config.TRAIN.LR_SCHEDULER.NAME.lower()
+    config.TRAIN.LR_SCALING = config.TRAIN.LR_SCALING.lower()
+    config.DATA.PREPARE = config.DATA.PREPARE.lower()
     config.AMP_DTYPE = config.AMP_DTYPE.lower()
     for section, key in (('DATA', 'DATASET'), ('DATA', 'INTERPOLATION'), ('DATA', 'CACHE_MODE'),
                          ('AUG', 'MIXUP_MODE'), ('AUG', 'REMODE')):
