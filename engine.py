@@ -1,26 +1,71 @@
-"""Run-time pieces shared by the modes of main.py: device choice, autocast, and the
-throughput measurement (training and validation loops join them later)."""
+"""The loops of a run: one training epoch, validation, and the throughput measurement,
+with the AMP, loss and logging choices they share."""
 from __future__ import annotations
 
 import contextlib
+import datetime
+import logging
 import os
+import resource
+import sys
 import time
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from distributed import all_reduce_sum
+from metrics_log import MetricsLog
 
 
-def select_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-    return torch.device('cpu')
-
-
-def autocast_context(config, device: torch.device):
-    """Autocast in the configured dtype, or nothing when AMP is off."""
+def resolve_amp_dtype(config, device: torch.device) -> tuple[Optional[torch.dtype], str]:
+    """The autocast dtype (None: fp32) and a note for the log. bf16 falls back to fp16 on
+    GPUs without bf16 support."""
     if not config.AMP_ENABLE:
+        return None, 'fp32 (AMP off)'
+    if config.AMP_DTYPE == 'fp16':
+        return torch.float16, 'fp16 autocast with a gradient scaler'
+    if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
+        return torch.float16, 'fp16 autocast with a gradient scaler (this GPU has no bf16)'
+    return torch.bfloat16, 'bf16 autocast (no loss scaling)'
+
+
+def autocast_context(amp_dtype: Optional[torch.dtype], device: torch.device):
+    if amp_dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if config.AMP_DTYPE == 'bf16' else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def make_scaler(amp_dtype: Optional[torch.dtype], device: torch.device) -> Optional[torch.amp.GradScaler]:
+    """A gradient scaler only for fp16: bf16 has fp32's exponent range and needs none."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+
+def build_criterion(config, mixup_active: bool) -> nn.Module:
+    """Soft-target cross-entropy under mixup/cutmix (the targets carry the smoothing),
+    label-smoothing cross-entropy otherwise, plain cross-entropy without smoothing."""
+    if mixup_active:
+        return SoftTargetCrossEntropy()
+    if config.MODEL.LABEL_SMOOTHING > 0:
+        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    return nn.CrossEntropyLoss()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a timer measures it (a no-op on the CPU)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory allocated (CUDA) or peak resident memory of the process (CPU)."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == 'darwin' else rss / 2 ** 10
 
 
 def write_config(config, output_dir: str) -> None:
@@ -32,22 +77,171 @@ def write_config(config, output_dir: str) -> None:
     os.replace(tmp, path)
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so a timer measures it (a no-op on the CPU)."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+@dataclass
+class TrainParts:
+    """What a training epoch works with (built once by main)."""
+    config: Any
+    model: nn.Module            # DDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: Any              # lr_scheduler.LRScheduler
+    scaler: Optional[torch.amp.GradScaler]
+    criterion: nn.Module
+    mixup_fn: Any
+    prep: Any                   # data.DevicePreprocessor for training
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    world_size: int
+    logger: logging.Logger
+    metrics: MetricsLog
+
+
+def updates_per_epoch(num_batches: int, accumulation_steps: int) -> int:
+    return num_batches // accumulation_steps
+
+
+def _grad_norm(parameters: list[torch.Tensor], clip: Optional[float]) -> torch.Tensor:
+    """Clip to `clip` and return the norm before clipping; with no clip only measure (the
+    gradients are not touched, not even multiplied by 1)."""
+    if clip:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+def train_one_epoch(parts: TrainParts, loader, epoch: int) -> dict[str, float]:
+    """One pass over the training loader: `TRAIN.ACCUMULATION_STEPS` micro-batches per
+    optimizer update (gradients all-reduced only on the last one), the LR set per update,
+    a log line every PRINT_FREQ micro-steps. Nothing waits for the device except on those
+    lines and at the end. Returns the epoch's mean loss over all ranks, the LR and images/s."""
+    cfg, model, optimizer, device = parts.config, parts.model, parts.optimizer, parts.device
+    accum = cfg.TRAIN.ACCUMULATION_STEPS
+    n_updates = updates_per_epoch(len(loader), accum)
+    n_steps = n_updates * accum  # a trailing partial accumulation would leak into the next epoch
+    first_update = epoch * n_updates
+    params = [p for p in model.parameters() if p.requires_grad]
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    clip = cfg.TRAIN.CLIP_GRAD or None
+
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    grad_norm = torch.zeros((), device=device)
+    logged_loss, logged_step, data_wait = 0.0, 0, 0.0
+    epoch_start = interval_start = time.perf_counter()
+    batches = iter(loader)
+    for step in range(n_steps):
+        tic = time.perf_counter()
+        images, targets = next(batches)
+        data_wait += time.perf_counter() - tic
+        images, targets = parts.prep(images, targets)
+        if parts.mixup_fn is not None:
+            images, targets = parts.mixup_fn(images, targets)
+
+        updating = (step + 1) % accum == 0
+        sync = contextlib.nullcontext() if (updating or not ddp) else model.no_sync()
+        with sync:
+            with autocast_context(parts.amp_dtype, device):
+                outputs = model(images)
+            loss = parts.criterion(outputs.float(), targets)
+            scaled = loss / accum  # the update equals one batch of accum x batch images
+            if parts.scaler is not None:
+                parts.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        loss_sum += loss.detach()
+
+        printing = (step + 1) % cfg.PRINT_FREQ == 0 or step + 1 == n_steps
+        if updating:
+            if parts.scaler is not None and (clip or printing):
+                parts.scaler.unscale_(optimizer)
+            if clip or printing:
+                grad_norm = _grad_norm(params, clip)
+            if parts.scaler is not None:
+                parts.scaler.step(optimizer)
+                parts.scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            parts.scheduler.step_update(first_update + (step + 1) // accum)
+
+        if printing:
+            synchronize(device)
+            now = time.perf_counter()
+            steps = step + 1 - logged_step
+            total = loss_sum.item()
+            step_time = (now - interval_start) / steps
+            update = first_update + step // accum
+            lr = parts.scheduler.lr_at(update)
+            scale = parts.scaler.get_scale() if parts.scaler is not None else None
+            norm = grad_norm.item()
+            eta = datetime.timedelta(seconds=int(step_time * (n_steps - step - 1)))
+            parts.logger.info(
+                f'Train: [{epoch}/{cfg.TRAIN.EPOCHS}][{step + 1}/{n_steps}]  eta {eta}  lr {lr:.6g}  '
+                f'wd {cfg.TRAIN.WEIGHT_DECAY:.4f}  time {step_time:.4f}  data {data_wait / steps:.4f}  '
+                f'img/s {images.shape[0] * parts.world_size / step_time:.1f}  '
+                f'loss {(total - logged_loss) / steps:.4f} ({total / (step + 1):.4f})  '
+                f'grad_norm {norm:.4f}' + (f'  loss_scale {scale:.0f}' if scale is not None else '')
+                + f'  mem {peak_memory_mb(device):.0f}MB')
+            parts.metrics.scalars(update, {'train/loss': (total - logged_loss) / steps, 'train/lr': lr,
+                                           'train/grad_norm': norm})
+            logged_loss, logged_step, data_wait, interval_start = total, step + 1, 0.0, now
+
+    synchronize(device)
+    elapsed = time.perf_counter() - epoch_start
+    totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(n_steps), dtype=torch.float64,
+                                                                device=device)]))
+    images_seen = n_steps * cfg.DATA.BATCH_SIZE * parts.world_size
+    result = {'train_loss': (totals[0] / totals[1]).item(),
+              'lr': parts.scheduler.lr_at(first_update + n_updates - 1),
+              'img_per_s': images_seen / elapsed, 'train_time': elapsed, 'updates': first_update + n_updates}
+    parts.logger.info(f'EPOCH {epoch} training took {datetime.timedelta(seconds=int(elapsed))}, '
+                      f'{result["img_per_s"]:.1f} images/s, loss {result["train_loss"]:.4f}')
+    return result
 
 
 @torch.inference_mode()
-def throughput(model: torch.nn.Module, config, device: torch.device, logger) -> float:
-    """Inference images/s on a synthetic batch of the configured size (official procedure:
-    warm up, then time repeated forwards; fewer repetitions on CPU)."""
+def validate(config, model: nn.Module, loader, prep, device: torch.device, amp_dtype: Optional[torch.dtype],
+             logger: logging.Logger) -> dict[str, float]:
+    """Loss, top-1 and top-5 over the whole validation split. Each rank scores its own
+    unpadded shard and the sums of loss, correct and seen images are added across ranks,
+    so every image counts once whatever the world size. Pass the model without DDP (shards
+    differ in length, so no collective may run inside the loop)."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
+    start = time.perf_counter()
+    for step, (images, targets) in enumerate(loader):
+        images, targets = prep(images, targets)
+        with autocast_context(amp_dtype, device):
+            outputs = model(images)
+        outputs = outputs.float()
+        top = outputs.topk(min(5, outputs.shape[1]), dim=1).indices.eq(targets[:, None])
+        sums += torch.stack([F.cross_entropy(outputs, targets, reduction='sum').double(),
+                             top[:, 0].sum().double(), top.any(dim=1).sum().double(),
+                             torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=device)])
+        if (step + 1) % config.PRINT_FREQ == 0:
+            logger.info(f'Test: [{step + 1}/{len(loader)}]')
+    all_reduce_sum(sums)
+    loss, correct1, correct5, seen = sums.tolist()
+    seen_n = int(round(seen))
+    result = {'acc1': 100.0 * correct1 / max(seen, 1), 'acc5': 100.0 * correct5 / max(seen, 1),
+              'val_loss': loss / max(seen, 1), 'n_images': seen_n,
+              'val_time': time.perf_counter() - start}
+    logger.info(f' * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f} loss {result["val_loss"]:.4f} '
+                f'on {seen_n} images')
+    return result
+
+
+@torch.inference_mode()
+def throughput(model: nn.Module, config, device: torch.device, amp_dtype: Optional[torch.dtype],
+               logger: logging.Logger) -> float:
+    """Inference images/s on a synthetic batch of the configured size and dtype (official
+    procedure: warm up, then time repeated forwards; fewer repetitions on CPU)."""
     model.eval()
     batch = config.DATA.BATCH_SIZE
     size = config.DATA.IMG_SIZE
     images = torch.randn(batch, config.MODEL.SWIN.IN_CHANS, size, size, device=device)
     warmup, timed = (50, 30) if device.type == 'cuda' else (2, 5)
-    with autocast_context(config, device):
+    with autocast_context(amp_dtype, device):
         for _ in range(warmup):
             model(images)
         synchronize(device)
@@ -57,6 +251,6 @@ def throughput(model: torch.nn.Module, config, device: torch.device, logger) -> 
             model(images)
         synchronize(device)
     rate = timed * batch / (time.perf_counter() - tic)
-    precision = config.AMP_DTYPE if config.AMP_ENABLE else 'fp32'
+    precision = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp_dtype]
     logger.info(f'batch_size {batch} throughput {rate:.1f} images/s ({device.type}, {precision}, synthetic input)')
     return rate

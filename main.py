@@ -1,9 +1,8 @@
-"""Command-line entry: flags -> validated config -> model -> the requested mode.
+"""Command-line entry: flags -> validated config -> process group -> train, --eval or
+--throughput. Runs as `python main.py ...` (one process) or under `torchrun`.
 
-This version builds the configured model, logs its size and cost, and runs the
-`--throughput` measurement on synthetic images; training and `--eval` arrive with the
-data pipeline and the training engine. Flags and config are checked before torch is
-imported, so a mistake is reported at once.
+Flags and config are checked before torch is imported, so a mistake is reported at once.
+Every user mistake ends with one `error:` line and exit code 2.
 """
 from __future__ import annotations
 
@@ -76,38 +75,22 @@ def parse_option(argv: Optional[Sequence[str]] = None):
         close = difflib.get_close_matches(flag.split('=')[0], known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else '; see --help'
         raise ConfigError(f"unknown argument '{flag}'{hint}")
-    return args, get_config(args)
+    config = get_config(args)
+    if config.EVAL_MODE and not (config.MODEL.RESUME or config.MODEL.PRETRAINED):
+        raise ConfigError('--eval needs weights to evaluate: add --resume CHECKPOINT or --pretrained FILE')
+    return args, config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        args, config = parse_option(argv)
+        _, config = parse_option(argv)
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
 
-    if not config.THROUGHPUT_MODE:
-        mode = 'evaluation (--eval)' if config.EVAL_MODE else 'training'
-        print(f'error: {mode} needs the data pipeline and training engine, which this version does not '
-              f'have yet; --throughput works now', file=sys.stderr)
-        return 2
-
-    import engine  # heavy imports (torch, timm) only once the command line is known to be valid
-    from logger import create_logger
-    from models import build_model
-
-    os.makedirs(config.OUTPUT, exist_ok=True)
-    logger = create_logger(config.OUTPUT, dist_rank=0, name=config.MODEL.NAME)
-    engine.write_config(config, config.OUTPUT)
-    logger.info(f'config written to {os.path.join(config.OUTPUT, "config.yaml")}')
-
-    device = engine.select_device()
-    model = build_model(config).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f'model {config.MODEL.NAME}: {n_params / 1e6:.2f}M parameters, '
-                f'{model.flops() / 1e9:.2f} GFLOPs at {config.DATA.IMG_SIZE}px, device {device}')
-    engine.throughput(model, config, device, logger)
-    return 0
+    # heavy imports (torch, timm) only once the command line is known to be valid
+    import runner
+    return runner.run(config)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,315 @@
+"""One run from a validated config: process group, output folder, data, model, then the
+requested mode (training epochs with checkpoints, --eval, or --throughput).
+
+User mistakes found here (data, checkpoints, output folder) raise one-line errors that
+`run` turns into exit code 2; under torchrun the launcher then stops the other ranks.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import random
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchvision
+import timm
+
+import checkpoint as ckpt
+import engine
+from config import ConfigError
+from data import DataError, DevicePreprocessor, build_loader
+from distributed import DistContext, barrier, broadcast_object, gather_objects, init_distributed, shutdown
+from logger import create_logger
+from lr_scheduler import build_scheduler, scaled_learning_rates
+from metrics_log import MetricsLog
+from models import build_model
+from optimizer import build_optimizer, describe_param_groups
+
+USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError)
+
+
+def run(config) -> int:
+    """Run `config` in this process; returns the exit code (0, or 2 after a user mistake)."""
+    ctx = init_distributed()
+    try:
+        return _run(config, ctx)
+    except USER_ERRORS as e:
+        where = f' (rank {ctx.rank})' if ctx.world_size > 1 else ''
+        print(f'error{where}: {e}', file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _check_output_writable(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f'.write-test-{os.getpid()}')
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"output folder '{folder}' is not writable ({e.strerror}); "
+                          f"choose another with --output") from None
+
+
+def _prepare_builtin_data(config, ctx: DistContext, logger) -> None:
+    """DATA.PREPARE: write the built-in dataset once per node before anyone reads it."""
+    if config.DATA.PREPARE and not os.path.exists(config.DATA.DATA_PATH):
+        if ctx.local_rank == 0:
+            from data.prepare import prepare_dataset
+            prepare_dataset(config.DATA.PREPARE, config.DATA.DATA_PATH, logger)
+        barrier()
+
+
+def _log_environment(config, ctx: DistContext, logger, amp_note: str) -> None:
+    device = ctx.device
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'
+    logger.info(f'python {platform.python_version()}, torch {torch.__version__}, torchvision '
+                f'{torchvision.__version__}, timm {timm.__version__}'
+                + (f', CUDA {torch.version.cuda}' if device.type == 'cuda' else ''))
+    logger.info(f'world size {ctx.world_size}, rank {ctx.rank}, device {device} ({name}), '
+                f'{torch.get_num_threads()} CPU threads, precision: {amp_note}')
+
+
+def _set_keys(config, values: dict) -> None:
+    config.defrost()
+    for key, value in values.items():
+        node = config
+        *path, last = key.split('.')
+        for part in path:
+            node = node[part]
+        node[last] = value
+    config.freeze()
+
+
+def _run(config, ctx: DistContext) -> int:
+    seed_everything(config.SEED + ctx.rank)
+    _check_output_writable(config.OUTPUT)
+    logger = create_logger(config.OUTPUT, ctx.rank, config.MODEL.NAME)
+    amp_dtype, amp_note = engine.resolve_amp_dtype(config, ctx.device)
+    _log_environment(config, ctx, logger, amp_note)
+
+    if config.THROUGHPUT_MODE:
+        model = _build_model(config, ctx, logger)
+        if ctx.is_main:
+            engine.write_config(config, config.OUTPUT)
+        engine.throughput(model, config, ctx.device, amp_dtype, logger)
+        return 0
+
+    _prepare_builtin_data(config, ctx, logger)
+    _, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config, ctx.rank, ctx.world_size, logger)
+    if ctx.is_main:  # after the data set MODEL.NUM_CLASSES; LRs as given (before batch scaling)
+        engine.write_config(config, config.OUTPUT)
+        logger.info(f'config written to {os.path.join(config.OUTPUT, "config.yaml")}')
+    model = _build_model(config, ctx, logger)
+    prep_val = DevicePreprocessor(config, ctx.device, is_train=False)
+
+    if config.EVAL_MODE:
+        return _evaluate_only(config, ctx, model, loader_val, prep_val, amp_dtype, logger)
+    return _train(config, ctx, model, loader_train, loader_val, mixup_fn, prep_val, amp_dtype, logger)
+
+
+def _build_model(config, ctx: DistContext, logger) -> nn.Module:
+    model = build_model(config).to(ctx.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    flops = f', {model.flops() / 1e9:.2f} GFLOPs' if hasattr(model, 'flops') else ''
+    logger.info(f'model {config.MODEL.NAME}: {n_params / 1e6:.2f}M parameters{flops} at '
+                f'{config.DATA.IMG_SIZE}px, {config.MODEL.NUM_CLASSES} classes')
+    return model
+
+
+def _evaluate_only(config, ctx: DistContext, model, loader_val, prep_val, amp_dtype, logger) -> int:
+    """--eval: score the weights of --resume (or --pretrained) on the validation split."""
+    path = config.MODEL.RESUME or config.MODEL.PRETRAINED
+    checkpoint = ckpt.read_checkpoint(path)
+    ckpt.load_model_weights(model, ckpt.model_state_dict(checkpoint), path)
+    logger.info(f'evaluating weights from {path}')
+    result = engine.validate(config, model, loader_val, prep_val, ctx.device, amp_dtype, logger)
+    logger.info(f'Accuracy of the network on the {result["n_images"]} test images: '
+                f'top-1 {result["acc1"]:.2f}%  top-5 {result["acc5"]:.2f}%')
+    metrics = MetricsLog(config.OUTPUT, ctx.is_main, tensorboard=False)
+    epoch = checkpoint.get('epoch')
+    metrics.append({'mode': 'eval', 'epoch': epoch if isinstance(epoch, int) else None,
+                    'checkpoint': os.path.abspath(path), 'acc1': result['acc1'], 'acc5': result['acc5'],
+                    'val_loss': result['val_loss'], 'n_images': result['n_images'], 'train_loss': None,
+                    'lr': None, 'img_per_s': result['n_images'] / max(result['val_time'], 1e-9)})
+    return 0
+
+
+def _scale_learning_rates(config, ctx: DistContext, logger) -> None:
+    s = scaled_learning_rates(config, ctx.world_size)
+    logger.info(f'effective batch {s["effective_batch"]} = {config.DATA.BATCH_SIZE} per process x '
+                f'{ctx.world_size} processes x {config.TRAIN.ACCUMULATION_STEPS} accumulation steps; '
+                f'LR scaling {config.TRAIN.LR_SCALING} (x{s["factor"]:.4g}): BASE_LR {s["base_lr"]:.4g}, '
+                f'WARMUP_LR {s["warmup_lr"]:.4g}, MIN_LR {s["min_lr"]:.4g}')
+    _set_keys(config, {'TRAIN.BASE_LR': s['base_lr'], 'TRAIN.WARMUP_LR': s['warmup_lr'],
+                       'TRAIN.MIN_LR': s['min_lr']})
+
+
+def _find_resume(config, logger) -> Optional[str]:
+    """--resume wins over auto-resume (and the log says so); else the newest readable
+    checkpoint in the output folder when TRAIN.AUTO_RESUME is on."""
+    newest = None
+    if config.TRAIN.AUTO_RESUME:
+        found = ckpt.newest_readable_checkpoint(config.OUTPUT, logger)
+        newest = found[0] if found else None
+    if config.MODEL.RESUME:
+        if newest and os.path.abspath(newest) != os.path.abspath(config.MODEL.RESUME):
+            logger.info(f'--resume {config.MODEL.RESUME} is used; auto-resume would have taken {newest}')
+        return config.MODEL.RESUME
+    if newest:
+        logger.info(f'auto-resume: newest checkpoint in the output folder is {newest}')
+    return newest
+
+
+def _train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, prep_val, amp_dtype, logger) -> int:
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    n_updates = engine.updates_per_epoch(len(loader_train), accum)
+    if n_updates == 0:
+        raise ConfigError(f'TRAIN.ACCUMULATION_STEPS {accum} is more than the {len(loader_train)} batches '
+                          f'of an epoch; lower it or the batch size')
+    if len(loader_train) % accum:
+        logger.info(f'{len(loader_train) % accum} trailing batches per epoch are skipped: {len(loader_train)} '
+                    f'batches do not divide into updates of {accum}')
+    _scale_learning_rates(config, ctx, logger)
+
+    optimizer = build_optimizer(config, model)
+    for line in describe_param_groups(optimizer):
+        logger.info(f'param group: {line}')
+    scheduler = build_scheduler(config, optimizer, n_updates)
+    scaler = engine.make_scaler(amp_dtype, ctx.device)
+    start_epoch, max_accuracy, rng = 0, None, None
+
+    resume_path = broadcast_object(_find_resume(config, logger) if ctx.is_main else None)
+    if resume_path:
+        state = ckpt.read_checkpoint(resume_path)
+        start_epoch, max_accuracy, rng = _restore(state, resume_path, config, ctx, model, optimizer,
+                                                  scheduler, scaler, n_updates, logger)
+    elif config.MODEL.PRETRAINED:
+        ckpt.load_model_weights(model, ckpt.model_state_dict(ckpt.read_checkpoint(config.MODEL.PRETRAINED)),
+                                config.MODEL.PRETRAINED)
+        logger.info(f'started from the weights of {config.MODEL.PRETRAINED}')
+    scheduler.step_update(start_epoch * n_updates)
+
+    model_without_ddp = model
+    if ctx.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None,
+            broadcast_buffers=False, gradient_as_bucket_view=True)
+    metrics = MetricsLog(config.OUTPUT, ctx.is_main)
+    parts = engine.TrainParts(config, model, optimizer, scheduler, scaler,
+                              engine.build_criterion(config, mixup_fn is not None), mixup_fn,
+                              DevicePreprocessor(config, ctx.device, is_train=True), ctx.device, amp_dtype,
+                              ctx.world_size, logger, metrics)
+    if start_epoch >= config.TRAIN.EPOCHS:
+        logger.info(f'nothing to train: the checkpoint finished epoch {start_epoch - 1} of {config.TRAIN.EPOCHS}')
+        return 0
+    dropped = metrics.drop_epochs_from(start_epoch)
+    if dropped:
+        logger.info(f'{METRICS_NOTE.format(n=dropped, epoch=start_epoch)}')
+    if rng is not None:
+        ckpt.restore_rng(rng)
+
+    logger.info(f'start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {n_updates} updates per epoch')
+    start = time.perf_counter()
+    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+        loader_train.sampler.set_epoch(epoch)
+        stats = engine.train_one_epoch(parts, loader_train, epoch)
+        val = engine.validate(config, model_without_ddp, loader_val, prep_val, ctx.device, amp_dtype, logger)
+        improved = max_accuracy is None or val['acc1'] > max_accuracy
+        max_accuracy = val['acc1'] if improved else max_accuracy
+        logger.info(f'Accuracy of the network on the {val["n_images"]} test images: {val["acc1"]:.2f}%  '
+                    f'Max accuracy: {max_accuracy:.2f}%')
+        metrics.append({'epoch': epoch, 'train_loss': stats['train_loss'], 'acc1': val['acc1'],
+                        'acc5': val['acc5'], 'val_loss': val['val_loss'], 'lr': stats['lr'],
+                        'img_per_s': stats['img_per_s'], 'max_acc1': max_accuracy, 'n_images': val['n_images'],
+                        'updates': stats['updates'], 'train_time': stats['train_time']})
+        metrics.scalars(epoch, {'epoch/train_loss': stats['train_loss'], 'epoch/acc1': val['acc1'],
+                                'epoch/acc5': val['acc5'], 'epoch/val_loss': val['val_loss'],
+                                'epoch/img_per_s': stats['img_per_s'], 'epoch/lr': stats['lr']})
+        metrics.flush()
+        save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
+        if save_epoch or improved:
+            _save(config, ctx, epoch, stats['updates'], model_without_ddp, optimizer, scheduler, scaler,
+                  max_accuracy, save_epoch, improved, logger)
+    metrics.close()
+    total = datetime.timedelta(seconds=int(time.perf_counter() - start))
+    logger.info(f'Training time {total}; max accuracy {max_accuracy:.2f}%')
+    return 0
+
+
+METRICS_NOTE = 'metrics.jsonl: removed {n} line(s) of epochs >= {epoch}, which this resumed run repeats'
+
+
+def _restore(state: dict, path: str, config, ctx: DistContext, model, optimizer, scheduler, scaler,
+             n_updates: int, logger):
+    """Load a training checkpoint strictly; returns (start epoch, max accuracy, this rank's
+    RNG state or None)."""
+    missing = [k for k in ('model', 'optimizer', 'epoch') if k not in state]
+    if missing:
+        raise ckpt.CheckpointError(f"'{path}' is not a training checkpoint (no {', '.join(missing)}); "
+                                   f"to start from its weights use --pretrained")
+    ckpt.load_model_weights(model, ckpt.model_state_dict(state), path)
+    try:
+        optimizer.load_state_dict(state['optimizer'])
+    except (ValueError, KeyError) as e:
+        raise ckpt.CheckpointError(f"the optimizer state in '{path}' does not fit "
+                                   f"TRAIN.OPTIMIZER ({str(e).splitlines()[0]})") from None
+    if state.get('lr_scheduler'):
+        scheduler.load_state_dict(state['lr_scheduler'])
+    if scaler is not None and state.get('scaler'):
+        scaler.load_state_dict(state['scaler'])
+    start_epoch = int(state['epoch']) + 1
+    effective = config.DATA.BATCH_SIZE * ctx.world_size * config.TRAIN.ACCUMULATION_STEPS
+    before = state.get('effective_batch')
+    if before is not None and before != effective:
+        logger.info(f'the effective batch changed from {before} to {effective}: the LRs are scaled for the '
+                    f'new batch and the schedule continues at epoch {start_epoch} ({n_updates} updates per epoch)')
+    rngs = state.get('rng') or []
+    rng = rngs[ctx.rank] if len(rngs) == ctx.world_size else None
+    if rng is None:
+        logger.info(f'random states of {len(rngs)} process(es) in the checkpoint, {ctx.world_size} now: '
+                    f'reseeded instead of restored')
+    logger.info(f'resumed from {path}: epoch {state["epoch"]} done, continuing at epoch {start_epoch}')
+    return start_epoch, state.get('max_accuracy'), rng
+
+
+def _save(config, ctx: DistContext, epoch: int, updates: int, model, optimizer, scheduler, scaler,
+          max_accuracy: float, save_epoch: bool, improved: bool, logger) -> None:
+    """Epoch checkpoint (every SAVE_FREQ epochs and the last), best.pth when validation
+    improved; written by rank 0, atomically. Every rank calls it (its RNG state is gathered)."""
+    rng = gather_objects(ckpt.capture_rng())
+    if not ctx.is_main:
+        return
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+             'lr_scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
+             'epoch': epoch, 'max_accuracy': max_accuracy, 'config': config.dump(), 'step': updates,
+             'world_size': ctx.world_size,
+             'effective_batch': config.DATA.BATCH_SIZE * ctx.world_size * config.TRAIN.ACCUMULATION_STEPS,
+             'rng': rng}
+    best = os.path.join(config.OUTPUT, ckpt.BEST_FILE)
+    if save_epoch:
+        path = os.path.join(config.OUTPUT, ckpt.epoch_checkpoint_name(epoch))
+        ckpt.atomic_save(state, path)
+        logger.info(f'saved {path}')
+        if improved:
+            ckpt.atomic_link(path, best)
+        for old in ckpt.prune_checkpoints(config.OUTPUT, config.SAVE_KEEP_LAST):
+            logger.info(f'removed {old} (SAVE_KEEP_LAST {config.SAVE_KEEP_LAST})')
+    elif improved:
+        ckpt.atomic_save(state, best)
+    if improved:
+        logger.info(f'saved {best} (top-1 {max_accuracy:.2f}%)')
