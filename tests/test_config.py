@@ -354,7 +354,7 @@ FLAG_CASES = [
     (['--disable_amp'], 'AMP_ENABLE', False),
     (['--amp-opt-level', 'O0'], 'AMP_ENABLE', False),
     (['--tag', 'exp1'], 'TAG', 'exp1'),
-    (['--eval'], 'EVAL_MODE', True),
+    (['--eval', '--resume', 'ckpt.pth'], 'EVAL_MODE', True),
     (['--throughput'], 'THROUGHPUT_MODE', True),
     (['--optim', 'sgd'], 'TRAIN.OPTIMIZER.NAME', 'sgd'),
     (['--optim', 'SGD'], 'TRAIN.OPTIMIZER.NAME', 'sgd'),

@@ -1,4 +1,4 @@
-"""main.py end to end: --throughput on the demo config, and the modes not built yet."""
+"""main.py end to end: --throughput on the demo config, and a mistake found after start-up."""
 import os
 
 import yaml
@@ -21,9 +21,8 @@ def test_throughput_runs_and_writes_config_and_log(tmp_path, capsys):
     assert not list(run_dir.glob('*.tmp'))
 
 
-def test_modes_not_built_yet_refuse_in_one_line_without_side_effects(tmp_path, capsys):
-    for extra in ([], ['--eval']):
-        rc = main.main(['--cfg', DEMO, '--output', str(tmp_path)] + extra)
-        err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2 and len(err) == 1 and err[0].startswith('error:') and 'throughput' in err[0]
-    assert not any(tmp_path.iterdir())
+def test_training_without_data_path_is_one_line_and_writes_no_checkpoint(tmp_path, capsys):
+    rc = main.main(['--cfg', DEMO, '--output', str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith('error:') and '--data-path' in err[0]
+    assert not list(tmp_path.rglob('*.pth'))

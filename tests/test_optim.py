@@ -1,0 +1,362 @@
+"""Optimizer param groups, layer decay, LR schedules (with timm parity) and LR scaling."""
+import argparse
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from timm.scheduler.cosine_lr import CosineLRScheduler
+from timm.scheduler.step_lr import StepLRScheduler
+
+import config
+import models
+from config import ConfigError
+from lr_scheduler import LRScheduler, build_scheduler, scaled_learning_rates
+from optimizer import build_optimizer, describe_param_groups, swin_layer_id
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'demo',
+                    'swin_micro_112.yaml')
+N_ITER = 7  # optimizer updates per epoch in the schedule tests
+
+
+def make_config(*opts: str):
+    return config.get_config(argparse.Namespace(cfg=DEMO, opts=list(opts)))
+
+
+def with_changes(cfg, **changes):
+    """A copy of a frozen config with TRAIN.OPTIMIZER / TRAIN.LR_SCHEDULER names that
+    validation would reject, to reach the builders' own checks."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    for key, value in changes.items():
+        node = cfg
+        *path, last = key.split('.')
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return cfg
+
+
+def group_of(optimizer):
+    return {id(p): g for g in optimizer.param_groups for p in g['params']}
+
+
+def schedule_config(*opts: str):
+    return make_config('TRAIN.EPOCHS', '10', 'TRAIN.WARMUP_EPOCHS', '2', 'TRAIN.BASE_LR', '1e-3',
+                       'TRAIN.WARMUP_LR', '1e-6', 'TRAIN.MIN_LR', '1e-5', *opts)
+
+
+def one_param_optimizer(lr: float = 1e-3) -> torch.optim.Optimizer:
+    return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+# ---------------------------------------------------------------- optimizer
+
+def test_decay_and_no_decay_membership():
+    cfg = make_config('MODEL.SWIN.APE', 'True', 'TRAIN.WEIGHT_DECAY', '0.07')
+    model = models.build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    groups = group_of(opt)
+    params = dict(model.named_parameters())
+    no_decay = ['absolute_pos_embed', 'patch_embed.norm.weight', 'patch_embed.proj.bias',
+                'layers.0.blocks.0.norm1.weight', 'layers.0.blocks.0.attn.qkv.bias',
+                'layers.0.blocks.0.attn.relative_position_bias_table', 'layers.1.downsample.norm.weight',
+                'norm.weight', 'head.bias']
+    decay = ['patch_embed.proj.weight', 'layers.0.blocks.0.attn.qkv.weight', 'layers.2.blocks.1.mlp.fc1.weight',
+             'layers.0.downsample.reduction.weight', 'head.weight']
+    for name in no_decay:
+        assert groups[id(params[name])]['name'] == 'no_decay', name
+        assert groups[id(params[name])]['weight_decay'] == 0.0, name
+    for name in decay:
+        assert groups[id(params[name])]['name'] == 'decay', name
+        assert groups[id(params[name])]['weight_decay'] == pytest.approx(0.07), name
+    assert [g['name'] for g in opt.param_groups] == ['decay', 'no_decay']
+    assert all(g['lr_scale'] == 1.0 for g in opt.param_groups)
+
+
+def test_each_trainable_param_in_exactly_one_group_and_frozen_left_out():
+    cfg = make_config()
+    model = models.build_model(cfg)
+    for p in model.patch_embed.parameters():
+        p.requires_grad_(False)
+    opt = build_optimizer(cfg, model)
+    in_groups = [id(p) for g in opt.param_groups for p in g['params']]
+    assert len(in_groups) == len(set(in_groups))
+    assert set(in_groups) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not {id(p) for p in model.patch_embed.parameters()} & set(in_groups)
+
+
+def test_empty_group_is_dropped():
+    cfg = make_config()
+    model = models.build_model(cfg)
+    for name, p in model.named_parameters():
+        p.requires_grad_(p.ndim > 1 and 'relative_position_bias_table' not in name)
+    opt = build_optimizer(cfg, model)
+    assert [g['name'] for g in opt.param_groups] == ['decay']
+
+
+def test_sgd_and_adamw_settings_come_from_config():
+    cfg = make_config('TRAIN.OPTIMIZER.NAME', 'sgd', 'TRAIN.OPTIMIZER.MOMENTUM', '0.8', 'TRAIN.BASE_LR', '0.3')
+    opt = build_optimizer(cfg, models.build_model(cfg))
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.defaults['momentum'] == pytest.approx(0.8)
+    assert opt.defaults['nesterov'] is True  # the official SGD is always Nesterov
+    assert opt.defaults['lr'] == pytest.approx(0.3)
+    cfg = make_config('TRAIN.OPTIMIZER.NAME', 'sgd', 'TRAIN.OPTIMIZER.NESTEROV', 'False')
+    assert build_optimizer(cfg, models.build_model(cfg)).defaults['nesterov'] is False
+
+    cfg = make_config('TRAIN.OPTIMIZER.BETAS', '(0.85, 0.99)', 'TRAIN.OPTIMIZER.EPS', '1e-6')
+    opt = build_optimizer(cfg, models.build_model(cfg))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert tuple(opt.defaults['betas']) == pytest.approx((0.85, 0.99))
+    assert opt.defaults['eps'] == pytest.approx(1e-6)
+    assert opt.defaults['fused'] is True  # faster on CPU too (see optimizer._kernel_options)
+
+
+def test_fused_adamw_takes_a_step_on_cpu():
+    cfg = make_config()
+    model = models.build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    before = model.head.weight.detach().clone()
+    model(torch.randn(2, 3, 112, 112)).sum().backward()
+    opt.step()
+    assert not torch.equal(before, model.head.weight)
+
+
+def test_bad_optimizer_settings_raise_config_error():
+    cfg = make_config()
+    model = models.build_model(cfg)
+    with pytest.raises(ConfigError, match='adamw, sgd'):
+        build_optimizer(with_changes(cfg, **{'TRAIN.OPTIMIZER.NAME': 'lamb'}), model)
+    sgd_no_momentum = with_changes(cfg, **{'TRAIN.OPTIMIZER.NAME': 'sgd', 'TRAIN.OPTIMIZER.MOMENTUM': 0.0})
+    with pytest.raises(ConfigError, match='NESTEROV'):
+        build_optimizer(sgd_no_momentum, model)
+
+
+def test_swin_layer_ids_by_hand():
+    depths = [1, 2, 3, 1]  # uneven, so a stage offset error shows
+    assert swin_layer_id('patch_embed.proj.weight', depths) == 0
+    assert swin_layer_id('absolute_pos_embed', depths) == 8  # SimMIM: not a patch_embed/layers name
+    assert swin_layer_id('mask_token', depths) == 0
+    assert swin_layer_id('layers.0.blocks.0.attn.qkv.weight', depths) == 1
+    assert swin_layer_id('layers.0.downsample.reduction.weight', depths) == 1
+    assert swin_layer_id('layers.1.blocks.1.norm2.bias', depths) == 3
+    assert swin_layer_id('layers.2.blocks.2.mlp.fc2.weight', depths) == 6
+    assert swin_layer_id('layers.2.downsample.norm.weight', depths) == 6
+    assert swin_layer_id('layers.3.blocks.0.attn.proj.weight', depths) == 7
+    assert swin_layer_id('norm.weight', depths) == 8
+    assert swin_layer_id('head.weight', depths) == 8
+
+
+def test_layer_decay_groups_on_micro_model():
+    cfg = make_config('TRAIN.LAYER_DECAY', '0.9', 'MODEL.SWIN.APE', 'True')
+    model = models.build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    depths = list(cfg.MODEL.SWIN.DEPTHS)
+    num_layers = sum(depths) + 2
+    groups = group_of(opt)
+    params = dict(model.named_parameters())
+    expected = {'patch_embed.proj.weight': 0, 'absolute_pos_embed': num_layers - 1, 'layers.0.blocks.1.attn.qkv.weight': 2,
+                'layers.0.downsample.reduction.weight': depths[0], 'layers.1.blocks.0.norm1.weight': 3,
+                'head.weight': num_layers - 1, 'norm.bias': num_layers - 1}
+    for name, layer_id in expected.items():
+        group = groups[id(params[name])]
+        assert group['name'].startswith(f'layer_{layer_id}_'), name
+        assert group['lr_scale'] == pytest.approx(0.9 ** (num_layers - 1 - layer_id)), name
+    assert groups[id(params['absolute_pos_embed'])]['name'] == f'layer_{num_layers - 1}_no_decay'
+    assert groups[id(params['head.weight'])]['name'] == f'layer_{num_layers - 1}_decay'
+    assert len(opt.param_groups) == 2 * num_layers
+    lines = describe_param_groups(opt)
+    assert len(lines) == len(opt.param_groups)
+    assert any(line.startswith('layer_0_decay: 1 tensors, ') for line in lines)  # patch_embed.proj.weight
+
+
+def test_layer_decay_depths_fall_back_to_config():
+    class Flat(nn.Module):  # no `layers[i].blocks` to count
+        def __init__(self):
+            super().__init__()
+            self.patch_embed = nn.Linear(2, 2)
+            self.head = nn.Linear(2, 2)
+
+    cfg = make_config('TRAIN.LAYER_DECAY', '0.5')
+    opt = build_optimizer(cfg, Flat())
+    scales = {g['name']: g['lr_scale'] for g in opt.param_groups}
+    top = sum(cfg.MODEL.SWIN.DEPTHS) + 1
+    assert scales == {'layer_0_decay': 0.5 ** top, 'layer_0_no_decay': 0.5 ** top,
+                      f'layer_{top}_decay': 1.0, f'layer_{top}_no_decay': 1.0}
+
+
+# ---------------------------------------------------------------- schedules
+
+@pytest.mark.parametrize('warmup_epochs', ['2', '0'])
+def test_cosine_matches_timm_at_every_step(warmup_epochs):
+    cfg = schedule_config('TRAIN.WARMUP_EPOCHS', warmup_epochs)
+    t = cfg.TRAIN
+    ours_opt, timm_opt = one_param_optimizer(t.BASE_LR), one_param_optimizer(t.BASE_LR)
+    ours = build_scheduler(cfg, ours_opt, N_ITER)
+    reference = CosineLRScheduler(timm_opt, t_initial=(t.EPOCHS - t.WARMUP_EPOCHS) * N_ITER, lr_min=t.MIN_LR,
+                                  warmup_lr_init=t.WARMUP_LR, warmup_t=t.WARMUP_EPOCHS * N_ITER, cycle_limit=1,
+                                  t_in_epochs=False, warmup_prefix=True)
+    for step in range(t.EPOCHS * N_ITER + 5):
+        ours.step_update(step)
+        reference.step_update(step)
+        assert ours_opt.param_groups[0]['lr'] == pytest.approx(timm_opt.param_groups[0]['lr'], rel=1e-12), step
+
+
+@pytest.mark.parametrize('prefix', [False, True])
+def test_step_matches_timm_at_every_step(prefix):
+    cfg = schedule_config('TRAIN.LR_SCHEDULER.NAME', 'step', 'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '3',
+                          'TRAIN.LR_SCHEDULER.DECAY_RATE', '0.5', 'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix))
+    t = cfg.TRAIN
+    ours_opt, timm_opt = one_param_optimizer(t.BASE_LR), one_param_optimizer(t.BASE_LR)
+    ours = build_scheduler(cfg, ours_opt, N_ITER)
+    reference = StepLRScheduler(timm_opt, decay_t=3 * N_ITER, decay_rate=0.5, warmup_lr_init=t.WARMUP_LR,
+                                warmup_t=t.WARMUP_EPOCHS * N_ITER, t_in_epochs=False, warmup_prefix=prefix)
+    for step in range(t.EPOCHS * N_ITER + 5):
+        ours.step_update(step)
+        reference.step_update(step)
+        assert ours_opt.param_groups[0]['lr'] == pytest.approx(timm_opt.param_groups[0]['lr'], rel=1e-12), step
+
+
+@pytest.mark.parametrize('name', ['cosine', 'linear'])
+@pytest.mark.parametrize('prefix', [True, False])
+def test_warmup_is_continuous_and_ends_on_the_schedule(name, prefix):
+    # warmup half the run, so a jump to the schedule (timm without prefix) would be large
+    cfg = schedule_config('TRAIN.WARMUP_EPOCHS', '5', 'TRAIN.LR_SCHEDULER.NAME', name,
+                          'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix))
+    t = cfg.TRAIN
+    s = build_scheduler(cfg, one_param_optimizer(), N_ITER)
+    w, total = 5 * N_ITER, 10 * N_ITER
+    if prefix:
+        main = t.BASE_LR
+    elif name == 'cosine':
+        main = t.MIN_LR + 0.5 * (t.BASE_LR - t.MIN_LR) * (1 + math.cos(math.pi * w / total))
+    else:
+        main = t.BASE_LR + (t.MIN_LR - t.BASE_LR) * w / total
+    assert s.lr_at(0) == pytest.approx(t.WARMUP_LR)
+    assert s.lr_at(w) == pytest.approx(main, rel=1e-12)
+    ramp_step = abs(main - t.WARMUP_LR) / w
+    assert ramp_step < 0.03 * t.BASE_LR
+    assert abs(s.lr_at(w) - s.lr_at(w - 1)) <= ramp_step * (1 + 1e-9)
+
+
+def test_construction_applies_the_warmup_start():
+    cfg = schedule_config()
+    opt = one_param_optimizer(cfg.TRAIN.BASE_LR)
+    build_scheduler(cfg, opt, N_ITER)
+    assert opt.param_groups[0]['lr'] == pytest.approx(cfg.TRAIN.WARMUP_LR)
+
+
+@pytest.mark.parametrize('name', ['cosine', 'linear'])
+@pytest.mark.parametrize('prefix', [True, False])
+def test_cosine_and_linear_end_at_min_lr(name, prefix):
+    cfg = schedule_config('TRAIN.LR_SCHEDULER.NAME', name, 'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix))
+    s = build_scheduler(cfg, one_param_optimizer(), N_ITER)
+    total, min_lr = s.total_steps, cfg.TRAIN.MIN_LR
+    assert s.lr_at(total - 1) > min_lr
+    assert s.lr_at(total) == pytest.approx(min_lr, rel=1e-12)
+    assert s.lr_at(total + 100) == pytest.approx(min_lr, rel=1e-12)
+    after_warmup = [s.lr_at(i) for i in range(s.warmup_steps, total + 1)]
+    assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:]))
+
+
+def test_linear_halfway_is_the_midpoint():
+    cfg = schedule_config('TRAIN.LR_SCHEDULER.NAME', 'linear')
+    s = build_scheduler(cfg, one_param_optimizer(), N_ITER)
+    half = s.warmup_steps + (s.total_steps - s.warmup_steps) // 2  # 14 + 28
+    assert s.lr_at(half) == pytest.approx((cfg.TRAIN.BASE_LR + cfg.TRAIN.MIN_LR) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize('prefix', [True, False])
+def test_step_shape(prefix):
+    cfg = schedule_config('TRAIN.LR_SCHEDULER.NAME', 'step', 'TRAIN.WARMUP_EPOCHS', '1',
+                          'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '3', 'TRAIN.LR_SCHEDULER.DECAY_RATE', '0.5',
+                          'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix))
+    s = build_scheduler(cfg, one_param_optimizer(), N_ITER)
+    base, start = cfg.TRAIN.BASE_LR, N_ITER if prefix else 0
+    drop = 3 * N_ITER
+    assert s.lr_at(start + drop - 1) == pytest.approx(base)
+    assert s.lr_at(start + drop) == pytest.approx(base * 0.5)
+    assert s.lr_at(start + 2 * drop) == pytest.approx(base * 0.25)
+
+
+@pytest.mark.parametrize('prefix', [True, False])
+def test_multistep_shape(prefix):
+    cfg = schedule_config('TRAIN.LR_SCHEDULER.NAME', 'multistep', 'TRAIN.LR_SCHEDULER.MULTISTEPS', '[3, 6]',
+                          'TRAIN.LR_SCHEDULER.GAMMA', '0.1', 'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix))
+    s = build_scheduler(cfg, one_param_optimizer(), N_ITER)
+    base, start = cfg.TRAIN.BASE_LR, s.warmup_steps if prefix else 0
+    assert s.lr_at(start + 3 * N_ITER - 1) == pytest.approx(base)
+    assert s.lr_at(start + 3 * N_ITER) == pytest.approx(base * 0.1)
+    assert s.lr_at(start + 6 * N_ITER - 1) == pytest.approx(base * 0.1)
+    assert s.lr_at(start + 6 * N_ITER) == pytest.approx(base * 0.01)
+
+
+@pytest.mark.parametrize('prefix', [True, False])
+def test_warmup_as_long_as_the_run_does_not_fail(prefix):
+    cfg = schedule_config('TRAIN.WARMUP_EPOCHS', '12', 'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix))
+    s = build_scheduler(cfg, one_param_optimizer(), N_ITER)
+    lrs = [s.lr_at(i) for i in range(s.total_steps + 1)]
+    assert lrs[0] == pytest.approx(cfg.TRAIN.WARMUP_LR)
+    assert all(math.isfinite(lr) and lr > 0 for lr in lrs)
+
+
+def test_unknown_scheduler_raises_config_error():
+    cfg = with_changes(schedule_config(), **{'TRAIN.LR_SCHEDULER.NAME': 'poly'})
+    with pytest.raises(ConfigError, match='cosine, linear, step, multistep'):
+        build_scheduler(cfg, one_param_optimizer(), N_ITER)
+
+
+def test_lr_scale_is_applied_per_group():
+    cfg = make_config('TRAIN.LAYER_DECAY', '0.8', 'TRAIN.EPOCHS', '4', 'TRAIN.WARMUP_EPOCHS', '1')
+    opt = build_optimizer(cfg, models.build_model(cfg))
+    s = build_scheduler(cfg, opt, N_ITER)
+    for step in (0, 3, N_ITER + 2):
+        s.step_update(step)
+        for group in opt.param_groups:
+            assert group['lr'] == pytest.approx(s.lr_at(step) * group['lr_scale'], rel=1e-12)
+    scales = sorted({g['lr_scale'] for g in opt.param_groups})
+    assert scales[-1] == 1.0 and scales[0] < 0.2  # 0.8 ** 9
+    # a group without lr_scale gets the plain LR
+    plain = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    LRScheduler(plain, 'cosine', 1e-3, 1e-6, 1e-5, warmup_steps=0, total_steps=10).step_update(5)
+    assert plain.param_groups[0]['lr'] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+
+
+def test_state_dict_round_trip():
+    cfg = schedule_config()
+    s = build_scheduler(cfg, one_param_optimizer(), N_ITER)
+    s.step_update(37)
+    state = s.state_dict()
+    assert json.loads(json.dumps(state)) == state  # plain numbers only
+    assert state['num_updates'] == 37 and state['warmup_steps'] == 2 * N_ITER
+
+    opt = one_param_optimizer()
+    restored = build_scheduler(cfg, opt, N_ITER)
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+    assert opt.param_groups[0]['lr'] == pytest.approx(s.lr_at(37), rel=1e-12)
+
+    # another setup (twice the updates per epoch): the count is kept, the LR follows the new schedule
+    other = build_scheduler(cfg, one_param_optimizer(), 2 * N_ITER)
+    other.load_state_dict(state)
+    assert other.num_updates == 37 and other.total_steps == 20 * N_ITER
+    assert other.optimizer.param_groups[0]['lr'] == pytest.approx(other.lr_at(37), rel=1e-12)
+    assert other.lr_at(37) != pytest.approx(s.lr_at(37))
+
+
+@pytest.mark.parametrize('rule, factor', [('linear', 0.25), ('sqrt', 0.5), ('none', 1.0)])
+def test_scaled_learning_rates(rule, factor):
+    # 16 per process x 4 processes x 2 accumulation steps = 128 = 512 / 4
+    cfg = make_config('TRAIN.LR_SCALING', rule, 'TRAIN.ACCUMULATION_STEPS', '2', 'TRAIN.BASE_LR', '4e-3',
+                      'TRAIN.WARMUP_LR', '4e-6', 'TRAIN.MIN_LR', '4e-5')
+    assert cfg.DATA.BATCH_SIZE == 16
+    scaled = scaled_learning_rates(cfg, world_size=4)
+    assert scaled['effective_batch'] == 128
+    assert scaled['factor'] == pytest.approx(factor)
+    assert scaled['base_lr'] == pytest.approx(4e-3 * factor)
+    assert scaled['warmup_lr'] == pytest.approx(4e-6 * factor)
+    assert scaled['min_lr'] == pytest.approx(4e-5 * factor)
+    assert cfg.TRAIN.BASE_LR == pytest.approx(4e-3)  # the config is left as it was

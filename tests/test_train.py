@@ -1,0 +1,317 @@
+"""Training, resume and evaluation end to end through main.py, on a generated JPEG folder
+(three colour classes) and a tiny Swin: outputs, accumulation, exact resume, eval-only
+under torchrun, and the one-line errors."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import engine
+import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLORS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+N_TRAIN, N_VAL = 16, 7  # per class; 21 validation images: an odd count for 2 ranks
+TINY = """
+DATA:
+  IMG_SIZE: 32
+  BATCH_SIZE: 8
+  NUM_WORKERS: 0
+  DATA_PATH: {data}
+MODEL:
+  NAME: tiny
+  DROP_PATH_RATE: 0.0
+  SWIN:
+    EMBED_DIM: 16
+    DEPTHS: [2, 2]
+    NUM_HEADS: [2, 4]
+    WINDOW_SIZE: 4
+TRAIN:
+  EPOCHS: 2
+  WARMUP_EPOCHS: 1
+  BASE_LR: 0.05
+AUG:
+  AUTO_AUGMENT: none
+  MIXUP: 0.0
+  CUTMIX: 0.0
+  REPROB: 0.0
+AMP_ENABLE: False
+PRINT_FREQ: 2
+"""
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('colors')
+    rng = np.random.default_rng(0)
+    for split, n in (('train', N_TRAIN), ('val', N_VAL)):
+        for c, color in enumerate(COLORS):
+            folder = root / split / f'class{c}'
+            folder.mkdir(parents=True)
+            for i in range(n):
+                noisy = np.array(color)[None, None, :] + rng.normal(0, 60, (32, 32, 3))
+                Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(folder / f'{i}.jpg', quality=90)
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def cfg_file(data_root, tmp_path_factory):
+    path = tmp_path_factory.mktemp('cfg') / 'tiny.yaml'
+    path.write_text(TINY.format(data=data_root))
+    return str(path)
+
+
+def _run(cfg_file, out, *extra):
+    return main.main(['--cfg', cfg_file, '--output', str(out)] + list(extra))
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def _weights(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['model']
+
+
+@pytest.fixture(scope='module')
+def trained(cfg_file, tmp_path_factory):
+    """One uninterrupted 3-epoch run, shared by the tests that inspect its outputs."""
+    out = tmp_path_factory.mktemp('run')
+    assert _run(cfg_file, out, '--opts', 'TRAIN.EPOCHS', '3', 'SAVE_KEEP_LAST', '2') == 0
+    return out / 'tiny' / 'default'
+
+
+def test_training_writes_logs_metrics_checkpoints_and_events(trained):
+    lines = _metrics(trained)
+    assert [m['epoch'] for m in lines] == [0, 1, 2]
+    for m in lines:
+        assert {'epoch', 'train_loss', 'acc1', 'acc5', 'val_loss', 'lr', 'img_per_s'} <= set(m)
+        assert m['n_images'] == 3 * N_VAL and 0 <= m['acc1'] <= m['acc5'] <= 100 and m['img_per_s'] > 0
+    assert lines[2]['train_loss'] < lines[0]['train_loss']  # it learns
+    assert lines[2]['val_loss'] < lines[0]['val_loss']
+    assert lines[-1]['max_acc1'] == max(m['acc1'] for m in lines)
+
+    # SAVE_KEEP_LAST 2 pruned epoch 0; best.pth is a full checkpoint; nothing half-written
+    assert sorted(os.path.basename(p) for p in glob.glob(str(trained / 'ckpt_epoch_*.pth'))) == \
+        ['ckpt_epoch_1.pth', 'ckpt_epoch_2.pth']
+    assert not glob.glob(str(trained / '*.tmp*'))
+    state = torch.load(trained / 'ckpt_epoch_2.pth', map_location='cpu', weights_only=True)
+    assert {'model', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'max_accuracy', 'config', 'rng'} <= set(state)
+    assert state['epoch'] == 2 and isinstance(state['config'], str) and 'BASE_LR' in state['config']
+    assert state['lr_scheduler']['num_updates'] == 3 * 6
+    best = torch.load(trained / 'best.pth', map_location='cpu', weights_only=True)
+    assert best['max_accuracy'] == max(m['acc1'] for m in lines)
+
+    log = (trained / 'log_rank0.txt').read_text()
+    step_line = next(line for line in log.splitlines() if 'Train: [1/3][2/6]' in line)
+    for field in ('eta', ' lr ', ' wd ', ' time ', ' data ', 'img/s', 'loss', 'grad_norm', 'mem'):
+        assert field in step_line, field
+    assert 'effective batch 8' in log and 'parameters' in log and 'torch' in log
+    assert (trained / 'config.yaml').exists()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(trained))
+    events.Reload()
+    tags = set(events.Tags()['scalars'])
+    assert {'train/loss', 'train/lr', 'train/grad_norm', 'epoch/acc1', 'epoch/acc5', 'epoch/val_loss',
+            'epoch/img_per_s'} <= tags
+    assert [e.value for e in events.Scalars('epoch/acc1')] == pytest.approx([m['acc1'] for m in lines])
+
+
+def test_accumulation_equals_one_large_batch(cfg_file, tmp_path):
+    """2 micro-batches of 4 give the update of one batch of 8 (fp32, no dropout, no mixup)."""
+    assert _run(cfg_file, tmp_path / 'big', '--opts', 'TRAIN.EPOCHS', '1') == 0
+    assert _run(cfg_file, tmp_path / 'acc', '--batch-size', '4', '--accumulation-steps', '2',
+                '--opts', 'TRAIN.EPOCHS', '1') == 0
+    big, acc = (tmp_path / name / 'tiny' / 'default' for name in ('big', 'acc'))
+    w_big, w_acc = _weights(big / 'ckpt_epoch_0.pth'), _weights(acc / 'ckpt_epoch_0.pth')
+    assert torch.load(acc / 'ckpt_epoch_0.pth', weights_only=True)['lr_scheduler']['num_updates'] == 6
+    for key in w_big:
+        torch.testing.assert_close(w_acc[key], w_big[key], rtol=1e-4, atol=1e-6)
+    (m_big,), (m_acc,) = _metrics(big), _metrics(acc)
+    assert m_acc['train_loss'] == pytest.approx(m_big['train_loss'], rel=1e-5)  # the true loss is logged
+    assert m_acc['lr'] == pytest.approx(m_big['lr'])
+
+
+def test_resume_continues_exactly(cfg_file, tmp_path):
+    """Resuming the epoch-0 checkpoint of a 3-epoch run reproduces the uninterrupted run:
+    epoch numbering, LR, optimizer state and weights, bit for bit. Drop path (torch RNG),
+    mixup (numpy RNG) and random erasing (python and torch RNG) make the restored random
+    states matter."""
+    first = tmp_path / 'first'
+    randomness = ['MODEL.DROP_PATH_RATE', '0.2', 'AUG.MIXUP', '0.8', 'AUG.REPROB', '0.5']
+    assert _run(cfg_file, first, '--opts', 'TRAIN.EPOCHS', '3', 'SAVE_KEEP_LAST', '0', *randomness) == 0
+    run_dir = first / 'tiny' / 'default'
+    resumed = tmp_path / 'resumed' / 'tiny' / 'default'
+    resumed.mkdir(parents=True)
+    shutil.copy(run_dir / 'ckpt_epoch_0.pth', resumed)  # auto-resume finds it
+    (resumed / 'metrics.jsonl').write_text((run_dir / 'metrics.jsonl').read_text())  # as if killed later
+    assert _run(cfg_file, tmp_path / 'resumed', '--opts', 'TRAIN.EPOCHS', '3', *randomness) == 0
+
+    assert [m['epoch'] for m in _metrics(resumed)] == [0, 1, 2]  # each epoch once
+    for a, b in zip(_metrics(run_dir), _metrics(resumed)):
+        assert a['lr'] == b['lr'] and a['train_loss'] == b['train_loss'] and a['acc1'] == b['acc1']
+    end_a = torch.load(run_dir / 'ckpt_epoch_2.pth', weights_only=True)
+    end_b = torch.load(resumed / 'ckpt_epoch_2.pth', weights_only=True)
+    for key, value in end_a['model'].items():
+        assert torch.equal(value, end_b['model'][key]), key
+    for pid, st in end_a['optimizer']['state'].items():
+        assert torch.equal(st['exp_avg'], end_b['optimizer']['state'][pid]['exp_avg'])
+    assert end_b['lr_scheduler'] == end_a['lr_scheduler']
+    log = (resumed / 'log_rank0.txt').read_text()
+    assert 'auto-resume' in log and 'continuing at epoch 1' in log
+
+
+def test_explicit_resume_wins_over_auto_resume(cfg_file, trained, tmp_path):
+    out = tmp_path / 'out'
+    run_dir = out / 'tiny' / 'default'
+    run_dir.mkdir(parents=True)
+    shutil.copy(trained / 'ckpt_epoch_2.pth', run_dir)  # newest in the folder: would finish the run
+    assert _run(cfg_file, out, '--resume', str(trained / 'ckpt_epoch_1.pth'), '--opts', 'TRAIN.EPOCHS', '3') == 0
+    log = (run_dir / 'log_rank0.txt').read_text()
+    assert 'auto-resume would have taken' in log and 'continuing at epoch 2' in log
+    assert [m['epoch'] for m in _metrics(run_dir)] == [2]
+
+
+@pytest.mark.parametrize('dtype', ['bf16', 'fp16'])
+def test_amp_dtypes_train(cfg_file, tmp_path, dtype):
+    assert _run(cfg_file, tmp_path, '--opts', 'TRAIN.EPOCHS', '1', 'AMP_ENABLE', 'True', 'AMP_DTYPE', dtype) == 0
+    log = (tmp_path / 'tiny' / 'default' / 'log_rank0.txt').read_text()
+    assert f'{dtype} autocast' in log
+    assert ('loss_scale' in log) == (dtype == 'fp16')  # a scaler only for fp16
+    state = torch.load(tmp_path / 'tiny' / 'default' / 'ckpt_epoch_0.pth', weights_only=True)
+    assert (state['scaler'] is not None) == (dtype == 'fp16')
+
+
+def test_eval_in_process_writes_a_metrics_line(cfg_file, trained, tmp_path, capsys):
+    assert _run(cfg_file, tmp_path, '--eval', '--resume', str(trained / 'ckpt_epoch_2.pth')) == 0
+    run_dir = tmp_path / 'tiny' / 'default'
+    (line,) = _metrics(run_dir)
+    assert line['mode'] == 'eval' and line['n_images'] == 3 * N_VAL and line['epoch'] == 2
+    assert line['acc1'] == pytest.approx(_metrics(trained)[-1]['acc1'])
+    assert not glob.glob(str(run_dir / '*.pth'))  # never trains, never saves
+
+
+@pytest.mark.parametrize('nproc', [1, 2])
+def test_eval_under_torchrun_counts_every_image_once(cfg_file, trained, tmp_path, nproc):
+    out = tmp_path / f'np{nproc}'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
+                           '--master_port', str(29600 + os.getpid() % 500 + nproc), os.path.join(ROOT, 'main.py'),
+                           '--cfg', cfg_file, '--output', str(out), '--eval',
+                           '--pretrained', str(trained / 'ckpt_epoch_2.pth')],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = _metrics(out / 'tiny' / 'default')
+    reference = _metrics(trained)[-1]
+    assert line['n_images'] == 3 * N_VAL
+    assert line['acc1'] == pytest.approx(reference['acc1'], abs=1e-9)
+    assert line['acc5'] == pytest.approx(reference['acc5'], abs=1e-9)
+    assert line['val_loss'] == pytest.approx(reference['val_loss'], rel=1e-5)
+    assert (out / 'tiny' / 'default' / f'log_rank{nproc - 1}.txt').exists()
+
+
+def test_clip_grad_zero_leaves_gradients_untouched():
+    model = torch.nn.Linear(4, 3)
+    model(torch.randn(5, 4)).pow(2).sum().mul(100).backward()
+    params = list(model.parameters())
+    before = [p.grad.clone() for p in params]
+    norm = engine._grad_norm(params, clip=None)
+    assert all(torch.equal(b, p.grad) for b, p in zip(before, params))
+    assert norm.item() == pytest.approx(torch.cat([b.flatten() for b in before]).norm().item(), rel=1e-6)
+    clipped = engine._grad_norm(params, clip=1.0)
+    assert clipped.item() == pytest.approx(norm.item(), rel=1e-6)  # the norm before clipping
+    assert torch.cat([p.grad.flatten() for p in params]).norm().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_no_sync_on_micro_steps_that_do_not_update(cfg_file, tmp_path, monkeypatch):
+    """Under DDP, gradients are all-reduced only on the micro-step that updates."""
+    from config import get_config
+    from data import DevicePreprocessor, build_loader
+    from lr_scheduler import build_scheduler
+    from metrics_log import MetricsLog
+    from models import build_model
+    from optimizer import build_optimizer
+    import argparse
+    import logging
+
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        config = get_config(argparse.Namespace(cfg=cfg_file, opts=['TRAIN.ACCUMULATION_STEPS', '3',
+                                                                   'OUTPUT', str(tmp_path)]))
+        _, _, loader, _, _ = build_loader(config, 0, 1)
+        model = build_model(config)
+        optimizer = build_optimizer(config, model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        entered = []
+        original = ddp.no_sync
+
+        def counting_no_sync():
+            entered.append(1)
+            return original()
+        monkeypatch.setattr(ddp, 'no_sync', counting_no_sync)
+        device = torch.device('cpu')
+        parts = engine.TrainParts(config, ddp, optimizer, build_scheduler(config, optimizer, len(loader) // 3),
+                                  None, engine.build_criterion(config, False), None,
+                                  DevicePreprocessor(config, device, True), device, None, 1,
+                                  logging.getLogger('nosync'), MetricsLog(str(tmp_path), False))
+        stats = engine.train_one_epoch(parts, loader, 0)
+    finally:
+        dist.destroy_process_group()
+    assert len(loader) == 6 and stats['updates'] == 2
+    assert len(entered) == 4  # 2 updates x (3 - 1) micro-steps without an all-reduce
+
+
+# --- one-line errors ------------------------------------------------------------------------
+
+def _one_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error'), err
+    return err[0]
+
+
+def test_eval_without_weights_is_refused(cfg_file, tmp_path, capsys):
+    assert _run(cfg_file, tmp_path, '--eval') == 2
+    assert '--resume' in _one_line(capsys) and not any(tmp_path.iterdir())
+
+
+def test_missing_and_corrupt_checkpoints(cfg_file, trained, tmp_path, capsys):
+    assert _run(cfg_file, tmp_path / 'a', '--eval', '--resume', str(tmp_path / 'nope.pth')) == 2
+    assert 'does not exist' in _one_line(capsys)
+    torn = tmp_path / 'torn.pth'
+    torn.write_bytes((trained / 'ckpt_epoch_2.pth').read_bytes()[:5000])
+    assert _run(cfg_file, tmp_path / 'b', '--eval', '--resume', str(torn)) == 2
+    assert 'cannot read checkpoint' in _one_line(capsys)
+    assert torn.stat().st_size == 5000  # never touched
+
+
+def test_checkpoint_of_another_architecture_names_the_keys(cfg_file, trained, tmp_path, capsys):
+    assert _run(cfg_file, tmp_path, '--eval', '--resume', str(trained / 'ckpt_epoch_2.pth'),
+                '--opts', 'MODEL.SWIN.DEPTHS', '[2, 3]') == 2
+    line = _one_line(capsys)
+    assert 'does not fit this model' in line and 'layers.1.blocks.2' in line
+
+
+def test_auto_resume_skips_a_torn_newest_checkpoint(cfg_file, trained, tmp_path):
+    run_dir = tmp_path / 'tiny' / 'default'
+    run_dir.mkdir(parents=True)
+    shutil.copy(trained / 'ckpt_epoch_1.pth', run_dir)
+    (run_dir / 'ckpt_epoch_2.pth').write_bytes(b'torn')
+    assert _run(cfg_file, tmp_path, '--opts', 'TRAIN.EPOCHS', '3') == 0
+    log = (run_dir / 'log_rank0.txt').read_text()
+    assert 'auto-resume skips' in log and 'ckpt_epoch_2.pth' in log and 'continuing at epoch 2' in log
+
+
+def test_output_folder_not_writable(cfg_file, tmp_path, capsys):
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    assert _run(cfg_file, blocker) == 2
+    assert 'not writable' in _one_line(capsys)
