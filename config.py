@@ -483,6 +483,7 @@ def validate_config(config: CN) -> None:
     _check_choice(config.DATA.CACHE_MODE, CACHE_MODES, 'DATA.CACHE_MODE')
     _validate_data(config)
     _check_positive(config.TRAIN.EPOCHS, 'TRAIN.EPOCHS')
+    _check(config.TRAIN.START_EPOCH >= 0, f"TRAIN.START_EPOCH must be >= 0, got {config.TRAIN.START_EPOCH}")
     _check(config.TRAIN.WARMUP_EPOCHS >= 0,
            f"TRAIN.WARMUP_EPOCHS must be >= 0, got {config.TRAIN.WARMUP_EPOCHS}")
     _check(config.TRAIN.ACCUMULATION_STEPS >= 1,

@@ -188,8 +188,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int) -> dict[str, float]:
 
     synchronize(device)
     elapsed = time.perf_counter() - epoch_start
-    totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(n_steps), dtype=torch.float64,
-                                                                device=device)]))
+    totals = all_reduce_sum(torch.stack([loss_sum, torch.full((), n_steps, dtype=torch.float64, device=device)]))
     images_seen = n_steps * cfg.DATA.BATCH_SIZE * parts.world_size
     result = {'train_loss': (totals[0] / totals[1]).item(),
               'lr': parts.scheduler.lr_at(first_update + n_updates - 1),
@@ -217,7 +216,7 @@ def validate(config, model: nn.Module, loader, prep, device: torch.device, amp_d
         top = outputs.topk(min(5, outputs.shape[1]), dim=1).indices.eq(targets[:, None])
         sums += torch.stack([F.cross_entropy(outputs, targets, reduction='sum').double(),
                              top[:, 0].sum().double(), top.any(dim=1).sum().double(),
-                             torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=device)])
+                             torch.full((), targets.shape[0], dtype=torch.float64, device=device)])
         if (step + 1) % config.PRINT_FREQ == 0:
             logger.info(f'Test: [{step + 1}/{len(loader)}]')
     all_reduce_sum(sums)

@@ -191,7 +191,7 @@ def _train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, 
         logger.info(f'param group: {line}')
     scheduler = build_scheduler(config, optimizer, n_updates)
     scaler = engine.make_scaler(amp_dtype, ctx.device)
-    start_epoch, max_accuracy, rng = 0, None, None
+    start_epoch, max_accuracy, rng = config.TRAIN.START_EPOCH, None, None
 
     resume_path = broadcast_object(_find_resume(config, logger) if ctx.is_main else None)
     if resume_path:
