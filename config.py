@@ -419,7 +419,8 @@ _SWITCH_FLAGS = {
 }
 
 
-def _set(config: CN, full_key: str, value: Any) -> None:
+def set_key(config: CN, full_key: str, value: Any) -> None:
+    """Set a dotted key (for example TRAIN.BASE_LR) of an unfrozen config."""
     *path, last = full_key.split('.')
     node = config
     for part in path:
@@ -439,10 +440,10 @@ def merge_flags(config: CN, args: argparse.Namespace) -> None:
     for attr, key in _VALUE_FLAGS.items():
         value = getattr(args, attr, None)
         if value is not None:
-            _set(config, key, _coerce(value, _get(config, key), key, f'--{attr.replace("_", "-")}'))
+            set_key(config, key, _coerce(value, _get(config, key), key, f'--{attr.replace("_", "-")}'))
     for attr, (key, value) in _SWITCH_FLAGS.items():
         if getattr(args, attr, False):
-            _set(config, key, value)
+            set_key(config, key, value)
     if getattr(args, 'amp_opt_level', None) == 'O0':
         config.AMP_ENABLE = False
 

@@ -22,7 +22,7 @@ import timm
 
 import checkpoint as ckpt
 import engine
-from config import ConfigError
+from config import ConfigError, set_key
 from data import DataError, DevicePreprocessor, build_loader
 from distributed import DistContext, barrier, broadcast_object, gather_objects, init_distributed, shutdown
 from logger import create_logger
@@ -87,11 +87,7 @@ def _log_environment(config, ctx: DistContext, logger, amp_note: str) -> None:
 def _set_keys(config, values: dict) -> None:
     config.defrost()
     for key, value in values.items():
-        node = config
-        *path, last = key.split('.')
-        for part in path:
-            node = node[part]
-        node[last] = value
+        set_key(config, key, value)
     config.freeze()
 
 

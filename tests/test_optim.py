@@ -12,7 +12,7 @@ from timm.scheduler.step_lr import StepLRScheduler
 
 import config
 import models
-from config import ConfigError
+from config import ConfigError, set_key
 from lr_scheduler import LRScheduler, build_scheduler, scaled_learning_rates
 from optimizer import build_optimizer, describe_param_groups, swin_layer_id
 
@@ -31,11 +31,7 @@ def with_changes(cfg, **changes):
     cfg = cfg.clone()
     cfg.defrost()
     for key, value in changes.items():
-        node = cfg
-        *path, last = key.split('.')
-        for part in path:
-            node = node[part]
-        node[last] = value
+        set_key(cfg, key, value)
     return cfg
 
 
