@@ -205,17 +205,17 @@ def _train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, 
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None,
             broadcast_buffers=False, gradient_as_bucket_view=True)
+    if start_epoch >= config.TRAIN.EPOCHS:
+        logger.info(f'nothing to train: the checkpoint finished epoch {start_epoch - 1} of {config.TRAIN.EPOCHS}')
+        return 0
     metrics = MetricsLog(config.OUTPUT, ctx.is_main)
     parts = engine.TrainParts(config, model, optimizer, scheduler, scaler,
                               engine.build_criterion(config, mixup_fn is not None), mixup_fn,
                               DevicePreprocessor(config, ctx.device, is_train=True), ctx.device, amp_dtype,
                               ctx.world_size, logger, metrics)
-    if start_epoch >= config.TRAIN.EPOCHS:
-        logger.info(f'nothing to train: the checkpoint finished epoch {start_epoch - 1} of {config.TRAIN.EPOCHS}')
-        return 0
     dropped = metrics.drop_epochs_from(start_epoch)
     if dropped:
-        logger.info(f'{METRICS_NOTE.format(n=dropped, epoch=start_epoch)}')
+        logger.info(f'metrics.jsonl: removed {dropped} line(s) of epochs >= {start_epoch}, which this run repeats')
     if rng is not None:
         ckpt.restore_rng(rng)
 
@@ -246,8 +246,6 @@ def _train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, 
     logger.info(f'Training time {total}; max accuracy {max_accuracy:.2f}%')
     return 0
 
-
-METRICS_NOTE = 'metrics.jsonl: removed {n} line(s) of epochs >= {epoch}, which this resumed run repeats'
 
 
 def _restore(state: dict, path: str, config, ctx: DistContext, model, optimizer, scheduler, scaler,
