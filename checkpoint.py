@@ -27,6 +27,10 @@ class CheckpointError(ValueError):
     """A checkpoint the user named (or the run found) cannot be used; one line."""
 
 
+class OutputError(ValueError):
+    """A file of the run (checkpoint, config, metrics) cannot be written; one line."""
+
+
 def epoch_checkpoint_name(epoch: int) -> str:
     return f'ckpt_epoch_{epoch}.pth'
 
@@ -42,39 +46,69 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`:
-    a crash or a full disk leaves the previous file intact, never a torn one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = f'{path}.tmp-{os.getpid()}'
+TMP_MARK = '.tmp-'  # temporary files are '<final name>.tmp-<pid>'
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an exception, for a one-line message."""
+    text = getattr(e, 'strerror', None) or str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _atomic_write(path: str, write) -> None:
+    """`write(file)` into a temporary file in the same folder, fsync, rename over `path`:
+    a crash or a full disk leaves the previous file intact, never a torn one, and no
+    temporary file behind (torch.save reports a full disk as RuntimeError)."""
+    tmp = f'{path}{TMP_MARK}{os.getpid()}'
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        raise OutputError(f"cannot write '{path}': {_reason(e)}; the previous file is untouched") from None
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise CheckpointError(f"cannot write checkpoint '{path}': {e.strerror or e}; "
-                              f"the previous checkpoints are untouched") from None
-    _fsync_dir(folder)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save `obj` to `path` atomically."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
 def atomic_link(src: str, dst: str) -> None:
     """Make `dst` hold the same bytes as `src` (a hard link where possible: no second write)."""
-    tmp = f'{dst}.tmp-{os.getpid()}'
+    tmp = f'{dst}{TMP_MARK}{os.getpid()}'
     try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise CheckpointError(f"cannot write checkpoint '{dst}': {e.strerror or e}") from None
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:  # no hard links on this filesystem: copy
+        with open(src, 'rb') as f:
+            _atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
+        return
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Temporary files left by a process killed while writing (never a finished file)."""
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if TMP_MARK in name:
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
 
 
 def epoch_checkpoints(folder: str) -> list[tuple[int, str]]:
@@ -89,9 +123,10 @@ def epoch_checkpoints(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def prune_checkpoints(folder: str, keep_last: int) -> list[str]:
-    """Delete all but the newest `keep_last` epoch checkpoints (0 keeps all); best.pth stays."""
-    found = epoch_checkpoints(folder)
+def prune_checkpoints(folder: str, keep_last: int, current_epoch: int) -> list[str]:
+    """Delete all but the newest `keep_last` epoch checkpoints up to `current_epoch` (0 keeps
+    all); the current one is always kept, best.pth too."""
+    found = [(e, p) for e, p in epoch_checkpoints(folder) if e <= current_epoch]
     if keep_last <= 0 or len(found) <= keep_last:
         return []
     removed = []
@@ -101,6 +136,17 @@ def prune_checkpoints(folder: str, keep_last: int) -> list[str]:
     return removed
 
 
+def set_aside_later_checkpoints(folder: str, epoch: int) -> list[str]:
+    """Rename epoch checkpoints newer than `epoch` to '*.stale' (kept, but no longer seen by
+    auto-resume or pruning): a run restarted at an earlier epoch abandons that timeline."""
+    moved = []
+    for e, path in epoch_checkpoints(folder):
+        if e > epoch:
+            os.replace(path, path + '.stale')
+            moved.append(path)
+    return moved
+
+
 def read_checkpoint(path: str) -> dict:
     """Load a checkpoint file safely (weights_only) on the CPU, or raise CheckpointError."""
     if not os.path.isfile(path):
@@ -108,9 +154,11 @@ def read_checkpoint(path: str) -> dict:
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises several types for torn or foreign files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if 'Weights only load failed' in str(e):
+            raise CheckpointError(f"checkpoint '{path}' holds pickled Python objects, which safe "
+                                  f"(weights_only) loading refuses; save its state dicts only") from None
         raise CheckpointError(f"cannot read checkpoint '{path}' (truncated, or not a PyTorch "
-                              f"checkpoint): {reason[:200]}") from None
+                              f"checkpoint): {_reason(e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a dict of weights")
     return obj
@@ -172,7 +220,7 @@ def capture_rng() -> dict:
         'torch': torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+        state['cuda'] = torch.cuda.get_rng_state()  # this rank's device
     return state
 
 
@@ -181,5 +229,5 @@ def restore_rng(state: dict) -> None:
     n = state['numpy']
     np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
     torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])

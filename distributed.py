@@ -6,12 +6,15 @@ CUDA gets nccl and one GPU per local rank, anything else runs on the CPU with gl
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,10 @@ def init_distributed() -> DistContext:
     """Join the launcher's process group, or run as a single process without one."""
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if torch.cuda.is_available():
-        device = torch.device('cuda', local_rank % torch.cuda.device_count())
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f'local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible); '
+                              f'start at most {torch.cuda.device_count()} processes per node (--nproc_per_node)')
+        device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device('cpu')
@@ -49,6 +55,17 @@ def init_distributed() -> DistContext:
         kwargs = {'device_id': device} if device.type == 'cuda' else {}
         dist.init_process_group(backend=backend, **kwargs)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP without buffer syncing (the model's buffers are derived from its shape, the same
+    on every rank) and with gradients viewing the all-reduce buckets (no extra copy)."""
+    no_buffer_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in
+                      inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+                      else {'broadcast_buffers': False})  # older torch knows only this name
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == 'cuda' else None,
+        gradient_as_bucket_view=True, **no_buffer_sync)
 
 
 def shutdown() -> None:

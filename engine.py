@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import os
 import resource
 import sys
 import time
@@ -28,7 +27,7 @@ def resolve_amp_dtype(config, device: torch.device) -> tuple[Optional[torch.dtyp
         return None, 'fp32 (AMP off)'
     if config.AMP_DTYPE == 'fp16':
         return torch.float16, 'fp16 autocast with a gradient scaler'
-    if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
+    if device.type == 'cuda' and not torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.float16, 'fp16 autocast with a gradient scaler (this GPU has no bf16)'
     return torch.bfloat16, 'bf16 autocast (no loss scaling)'
 
@@ -66,15 +65,6 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 20 if sys.platform == 'darwin' else rss / 2 ** 10
-
-
-def write_config(config, output_dir: str) -> None:
-    """Save the merged config as YAML (atomically: a crash never leaves half a file)."""
-    path = os.path.join(output_dir, 'config.yaml')
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(config.dump())
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -71,11 +71,14 @@ class LRScheduler:
         self.step_update(0)
 
     def _main_lr(self, step: int) -> float:
-        t = step - self.warmup_steps if self.warmup_prefix else step
+        # step and multistep count their decay points from update 0 whatever WARMUP_PREFIX
+        # says, as the official code (with its timm 0.4.12) does: MULTISTEPS [30, 60] decays
+        # at epochs 30 and 60
         if self.name == 'step':
-            return self.base_lr * self.decay_rate ** (t // self.decay_steps)
+            return self.base_lr * self.decay_rate ** (step // self.decay_steps)
         if self.name == 'multistep':
-            return self.base_lr * self.gamma ** sum(m <= t for m in self.milestones)
+            return self.base_lr * self.gamma ** sum(m <= step for m in self.milestones)
+        t = step - self.warmup_steps if self.warmup_prefix else step
         if t >= self.main_steps:
             return self.min_lr
         if self.name == 'cosine':

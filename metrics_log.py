@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any, Optional
 
+from checkpoint import OutputError, atomic_write_text
+
 METRICS_FILE = 'metrics.jsonl'
 
 
@@ -37,21 +39,19 @@ class MetricsLog:
         keep = [line for line in lines if _epoch_of(line) is None or _epoch_of(line) < epoch]
         if len(keep) == len(lines):
             return 0
-        tmp = f'{self.path}.tmp-{os.getpid()}'
-        with open(tmp, 'w') as f:
-            f.writelines(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_text(''.join(keep), self.path)
         return len(lines) - len(keep)
 
     def append(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise OutputError(f"cannot append to '{self.path}': {e.strerror or e}") from None
 
     def scalars(self, step: int, values: dict[str, Optional[float]]) -> None:
         if self.writer is None:

@@ -24,27 +24,31 @@ import checkpoint as ckpt
 import engine
 from config import ConfigError, set_key
 from data import DataError, DevicePreprocessor, build_loader
-from distributed import DistContext, barrier, broadcast_object, gather_objects, init_distributed, shutdown
+from distributed import (DistContext, barrier, broadcast_object, gather_objects, init_distributed, shutdown,
+                         wrap_ddp)
 from logger import create_logger
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from metrics_log import MetricsLog
 from models import build_model
 from optimizer import build_optimizer, describe_param_groups
 
-USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError)
+USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, ckpt.OutputError)
 
 
 def run(config) -> int:
     """Run `config` in this process; returns the exit code (0, or 2 after a user mistake)."""
-    ctx = init_distributed()
     try:
-        return _run(config, ctx)
+        ctx = init_distributed()
+        code = _run(config, ctx)
     except USER_ERRORS as e:
-        where = f' (rank {ctx.rank})' if ctx.world_size > 1 else ''
+        rank = int(os.environ.get('RANK', 0))
+        where = f' (rank {rank})' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else ''
         print(f'error{where}: {e}', file=sys.stderr)
+        # no orderly shutdown: peers may sit in a collective that would never finish (the
+        # launcher stops them once this process exits)
         return 2
-    finally:
-        shutdown()
+    shutdown()
+    return code
 
 
 def seed_everything(seed: int) -> None:
@@ -66,12 +70,23 @@ def _check_output_writable(folder: str) -> None:
 
 
 def _prepare_builtin_data(config, ctx: DistContext, logger) -> None:
-    """DATA.PREPARE: write the built-in dataset once per node before anyone reads it."""
-    if config.DATA.PREPARE and not os.path.exists(config.DATA.DATA_PATH):
-        if ctx.local_rank == 0:
-            from data.prepare import prepare_dataset
+    """DATA.PREPARE: write the built-in dataset once per node before anyone reads it (every
+    rank takes the barrier: whether to wait must not depend on what a rank sees on disk)."""
+    if not config.DATA.PREPARE:
+        return
+    if ctx.local_rank == 0 and not os.path.exists(config.DATA.DATA_PATH):
+        from data.prepare import prepare_dataset
+        try:
             prepare_dataset(config.DATA.PREPARE, config.DATA.DATA_PATH, logger)
-        barrier()
+        except OSError as e:
+            raise DataError(f"cannot write the {config.DATA.PREPARE} dataset to '{config.DATA.DATA_PATH}' "
+                            f"({e.strerror or e}); pass --data-path to a writable folder") from None
+    barrier()
+
+
+def _write_config(config) -> None:
+    path = os.path.join(config.OUTPUT, 'config.yaml')
+    ckpt.atomic_write_text(config.dump(), path)
 
 
 def _log_environment(config, ctx: DistContext, logger, amp_note: str) -> None:
@@ -95,20 +110,23 @@ def _run(config, ctx: DistContext) -> int:
     seed_everything(config.SEED + ctx.rank)
     _check_output_writable(config.OUTPUT)
     logger = create_logger(config.OUTPUT, ctx.rank, config.MODEL.NAME)
+    if ctx.is_main:
+        for name in ckpt.remove_stale_temporaries(config.OUTPUT):
+            logger.info(f'removed {name}, a temporary file left by a process killed while writing')
     amp_dtype, amp_note = engine.resolve_amp_dtype(config, ctx.device)
     _log_environment(config, ctx, logger, amp_note)
 
     if config.THROUGHPUT_MODE:
         model = _build_model(config, ctx, logger)
         if ctx.is_main:
-            engine.write_config(config, config.OUTPUT)
+            _write_config(config)
         engine.throughput(model, config, ctx.device, amp_dtype, logger)
         return 0
 
     _prepare_builtin_data(config, ctx, logger)
     _, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config, ctx.rank, ctx.world_size, logger)
     if ctx.is_main:  # after the data set MODEL.NUM_CLASSES; LRs as given (before batch scaling)
-        engine.write_config(config, config.OUTPUT)
+        _write_config(config)
         logger.info(f'config written to {os.path.join(config.OUTPUT, "config.yaml")}')
     model = _build_model(config, ctx, logger)
     prep_val = DevicePreprocessor(config, ctx.device, is_train=False)
@@ -155,20 +173,21 @@ def _scale_learning_rates(config, ctx: DistContext, logger) -> None:
                        'TRAIN.MIN_LR': s['min_lr']})
 
 
-def _find_resume(config, logger) -> Optional[str]:
+def _find_resume(config, logger) -> tuple[Optional[str], Optional[dict]]:
     """--resume wins over auto-resume (and the log says so); else the newest readable
-    checkpoint in the output folder when TRAIN.AUTO_RESUME is on."""
-    newest = None
-    if config.TRAIN.AUTO_RESUME:
-        found = ckpt.newest_readable_checkpoint(config.OUTPUT, logger)
-        newest = found[0] if found else None
+    checkpoint in the output folder when TRAIN.AUTO_RESUME is on. Returns the path and,
+    when auto-resume already read it, its contents."""
     if config.MODEL.RESUME:
-        if newest and os.path.abspath(newest) != os.path.abspath(config.MODEL.RESUME):
-            logger.info(f'--resume {config.MODEL.RESUME} is used; auto-resume would have taken {newest}')
-        return config.MODEL.RESUME
-    if newest:
-        logger.info(f'auto-resume: newest checkpoint in the output folder is {newest}')
-    return newest
+        if config.TRAIN.AUTO_RESUME:
+            newest = ckpt.epoch_checkpoints(config.OUTPUT)
+            if newest and os.path.abspath(newest[-1][1]) != os.path.abspath(config.MODEL.RESUME):
+                logger.info(f'--resume {config.MODEL.RESUME} is used; auto-resume would have taken {newest[-1][1]}')
+        return config.MODEL.RESUME, None
+    found = ckpt.newest_readable_checkpoint(config.OUTPUT, logger) if config.TRAIN.AUTO_RESUME else None
+    if found:
+        logger.info(f'auto-resume: newest checkpoint in the output folder is {found[0]}')
+        return found
+    return None, None
 
 
 def _train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, prep_val, amp_dtype, logger) -> int:
@@ -189,22 +208,27 @@ def _train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, 
     scaler = engine.make_scaler(amp_dtype, ctx.device)
     start_epoch, max_accuracy, rng = config.TRAIN.START_EPOCH, None, None
 
-    resume_path = broadcast_object(_find_resume(config, logger) if ctx.is_main else None)
+    resume_path, state = _find_resume(config, logger) if ctx.is_main else (None, None)
+    resume_path = broadcast_object(resume_path)
     if resume_path:
-        state = ckpt.read_checkpoint(resume_path)
+        if config.MODEL.PRETRAINED:
+            logger.info(f'--pretrained {config.MODEL.PRETRAINED} is not used: the run resumes from {resume_path}')
+        state = state if state is not None else ckpt.read_checkpoint(resume_path)
         start_epoch, max_accuracy, rng = _restore(state, resume_path, config, ctx, model, optimizer,
-                                                  scheduler, scaler, n_updates, logger)
+                                                  scaler, n_updates, logger)
+        del state
     elif config.MODEL.PRETRAINED:
         ckpt.load_model_weights(model, ckpt.model_state_dict(ckpt.read_checkpoint(config.MODEL.PRETRAINED)),
                                 config.MODEL.PRETRAINED)
         logger.info(f'started from the weights of {config.MODEL.PRETRAINED}')
     scheduler.step_update(start_epoch * n_updates)
+    if ctx.is_main:  # epoch checkpoints after the start belong to a timeline this run abandons
+        for path in ckpt.set_aside_later_checkpoints(config.OUTPUT, start_epoch - 1):
+            logger.info(f'renamed {path} to {os.path.basename(path)}.stale: the run restarts before it')
 
     model_without_ddp = model
     if ctx.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None,
-            broadcast_buffers=False, gradient_as_bucket_view=True)
+        model = wrap_ddp(model, ctx.device)
     if start_epoch >= config.TRAIN.EPOCHS:
         logger.info(f'nothing to train: the checkpoint finished epoch {start_epoch - 1} of {config.TRAIN.EPOCHS}')
         return 0
@@ -229,18 +253,14 @@ def _train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, 
         max_accuracy = val['acc1'] if improved else max_accuracy
         logger.info(f'Accuracy of the network on the {val["n_images"]} test images: {val["acc1"]:.2f}%  '
                     f'Max accuracy: {max_accuracy:.2f}%')
-        metrics.append({'epoch': epoch, 'train_loss': stats['train_loss'], 'acc1': val['acc1'],
-                        'acc5': val['acc5'], 'val_loss': val['val_loss'], 'lr': stats['lr'],
-                        'img_per_s': stats['img_per_s'], 'max_acc1': max_accuracy, 'n_images': val['n_images'],
-                        'updates': stats['updates'], 'train_time': stats['train_time']})
-        metrics.scalars(epoch, {'epoch/train_loss': stats['train_loss'], 'epoch/acc1': val['acc1'],
-                                'epoch/acc5': val['acc5'], 'epoch/val_loss': val['val_loss'],
-                                'epoch/img_per_s': stats['img_per_s'], 'epoch/lr': stats['lr']})
-        metrics.flush()
+        record = {'epoch': epoch, 'train_loss': stats['train_loss'], 'acc1': val['acc1'], 'acc5': val['acc5'],
+                  'val_loss': val['val_loss'], 'lr': stats['lr'], 'img_per_s': stats['img_per_s'],
+                  'max_acc1': max_accuracy, 'n_images': val['n_images'], 'updates': stats['updates'],
+                  'train_time': stats['train_time']}
         save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
-        if save_epoch or improved:
-            _save(config, ctx, epoch, stats['updates'], model_without_ddp, optimizer, scheduler, scaler,
-                  max_accuracy, save_epoch, improved, logger)
+        rng = gather_objects(ckpt.capture_rng()) if (save_epoch or improved) else None
+        _on_every_rank(ctx, lambda: _record_epoch(config, ctx, record, metrics, model_without_ddp, optimizer,
+                                                  scheduler, scaler, rng, save_epoch, improved, logger))
     metrics.close()
     total = datetime.timedelta(seconds=int(time.perf_counter() - start))
     logger.info(f'Training time {total}; max accuracy {max_accuracy:.2f}%')
@@ -248,8 +268,7 @@ def _train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, 
 
 
 
-def _restore(state: dict, path: str, config, ctx: DistContext, model, optimizer, scheduler, scaler,
-             n_updates: int, logger):
+def _restore(state: dict, path: str, config, ctx: DistContext, model, optimizer, scaler, n_updates: int, logger):
     """Load a training checkpoint strictly; returns (start epoch, max accuracy, this rank's
     RNG state or None)."""
     missing = [k for k in ('model', 'optimizer', 'epoch') if k not in state]
@@ -257,16 +276,14 @@ def _restore(state: dict, path: str, config, ctx: DistContext, model, optimizer,
         raise ckpt.CheckpointError(f"'{path}' is not a training checkpoint (no {', '.join(missing)}); "
                                    f"to start from its weights use --pretrained")
     ckpt.load_model_weights(model, ckpt.model_state_dict(state), path)
-    try:
-        optimizer.load_state_dict(state['optimizer'])
-    except (ValueError, KeyError) as e:
-        raise ckpt.CheckpointError(f"the optimizer state in '{path}' does not fit "
-                                   f"TRAIN.OPTIMIZER ({str(e).splitlines()[0]})") from None
-    if state.get('lr_scheduler'):
-        scheduler.load_state_dict(state['lr_scheduler'])
+    _load_optimizer_state(optimizer, state['optimizer'], path)
     if scaler is not None and state.get('scaler'):
         scaler.load_state_dict(state['scaler'])
     start_epoch = int(state['epoch']) + 1
+    saved_updates = (state.get('lr_scheduler') or {}).get('num_updates')
+    if saved_updates is not None and saved_updates != start_epoch * n_updates:
+        logger.info(f'LR schedule position recomputed for this setup: update {start_epoch * n_updates} '
+                    f'(the checkpoint counted {saved_updates})')
     effective = config.DATA.BATCH_SIZE * ctx.world_size * config.TRAIN.ACCUMULATION_STEPS
     before = state.get('effective_batch')
     if before is not None and before != effective:
@@ -276,22 +293,57 @@ def _restore(state: dict, path: str, config, ctx: DistContext, model, optimizer,
     rng = rngs[ctx.rank] if len(rngs) == ctx.world_size else None
     if rng is None:
         logger.info(f'random states of {len(rngs)} process(es) in the checkpoint, {ctx.world_size} now: '
-                    f'reseeded instead of restored')
+                    f'each rank keeps its SEED + rank seeding')
     logger.info(f'resumed from {path}: epoch {state["epoch"]} done, continuing at epoch {start_epoch}')
     return start_epoch, state.get('max_accuracy'), rng
 
 
-def _save(config, ctx: DistContext, epoch: int, updates: int, model, optimizer, scheduler, scaler,
-          max_accuracy: float, save_epoch: bool, improved: bool, logger) -> None:
-    """Epoch checkpoint (every SAVE_FREQ epochs and the last), best.pth when validation
-    improved; written by rank 0, atomically. Every rank calls it (its RNG state is gathered)."""
-    rng = gather_objects(ckpt.capture_rng())
-    if not ctx.is_main:
+def _load_optimizer_state(optimizer, saved: dict, path: str) -> None:
+    """Restore the moments and step counts; the hyperparameters (betas, weight decay,
+    momentum...) stay the config's. Another optimizer type is refused in one line."""
+    current = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
+    saved_keys = [set(g) - {'params'} for g in saved.get('param_groups', [])]
+    if saved_keys != [set(g) for g in current]:
+        raise ckpt.CheckpointError(f"the optimizer state in '{path}' is from another optimizer or parameter "
+                                   f"grouping than TRAIN.OPTIMIZER / TRAIN.LAYER_DECAY now give")
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError) as e:
+        raise ckpt.CheckpointError(f"the optimizer state in '{path}' does not fit this model "
+                                   f"({str(e).splitlines()[0]})") from None
+    for group, settings in zip(optimizer.param_groups, current):
+        group.update(settings)
+
+
+def _on_every_rank(ctx: DistContext, rank0_work) -> None:
+    """Run rank 0's writes and raise their one-line error on every rank, so no rank carries
+    on into a collective that rank 0 will never join."""
+    message = None
+    if ctx.is_main:
+        try:
+            rank0_work()
+        except USER_ERRORS as e:
+            message = str(e)
+    message = broadcast_object(message)
+    if message is not None:
+        raise ckpt.OutputError(message)
+
+
+def _record_epoch(config, ctx: DistContext, record: dict, metrics: MetricsLog, model, optimizer, scheduler,
+                  scaler, rng: Optional[list], save_epoch: bool, improved: bool, logger) -> None:
+    """Rank 0: the metrics line and scalars, the epoch checkpoint (every SAVE_FREQ epochs and
+    the last) and best.pth when validation improved, all written atomically."""
+    metrics.append(record)
+    metrics.scalars(record['epoch'], {f'epoch/{k}': record[k] for k in
+                                      ('train_loss', 'acc1', 'acc5', 'val_loss', 'img_per_s', 'lr')})
+    metrics.flush()
+    if not (save_epoch or improved):
         return
+    epoch, max_accuracy = record['epoch'], record['max_acc1']
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
              'lr_scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
-             'epoch': epoch, 'max_accuracy': max_accuracy, 'config': config.dump(), 'step': updates,
-             'world_size': ctx.world_size,
+             'epoch': epoch, 'max_accuracy': max_accuracy, 'config': config.dump(), 'step': record['updates'],
+             'optimizer_name': config.TRAIN.OPTIMIZER.NAME, 'world_size': ctx.world_size,
              'effective_batch': config.DATA.BATCH_SIZE * ctx.world_size * config.TRAIN.ACCUMULATION_STEPS,
              'rng': rng}
     best = os.path.join(config.OUTPUT, ckpt.BEST_FILE)
@@ -301,7 +353,7 @@ def _save(config, ctx: DistContext, epoch: int, updates: int, model, optimizer, 
         logger.info(f'saved {path}')
         if improved:
             ckpt.atomic_link(path, best)
-        for old in ckpt.prune_checkpoints(config.OUTPUT, config.SAVE_KEEP_LAST):
+        for old in ckpt.prune_checkpoints(config.OUTPUT, config.SAVE_KEEP_LAST, epoch):
             logger.info(f'removed {old} (SAVE_KEEP_LAST {config.SAVE_KEEP_LAST})')
     elif improved:
         ckpt.atomic_save(state, best)

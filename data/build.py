@@ -79,12 +79,16 @@ def build_mixup(config) -> Optional[Mixup]:
                  label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)
 
 
-def _loader(dataset, sampler, config, is_train: bool) -> DataLoader:
+def _loader(dataset, sampler, config, is_train: bool, rank: int) -> DataLoader:
     workers = config.DATA.NUM_WORKERS
     extra = dict(persistent_workers=True, prefetch_factor=config.DATA.PREFETCH_FACTOR) if workers > 0 else {}
+    # The loader draws its workers' base seed when an iterator starts (with persistent
+    # workers only the first time); a generator of its own keeps that draw out of the
+    # training RNG, so a resumed run's drop path and mixup continue exactly.
+    generator = torch.Generator().manual_seed(config.SEED + rank)
     return DataLoader(dataset, batch_size=config.DATA.BATCH_SIZE, sampler=sampler, num_workers=workers,
                       pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
-                      drop_last=is_train, **extra)
+                      drop_last=is_train, generator=generator, **extra)
 
 
 def _check_same_classes(dataset_train, dataset_val) -> None:
@@ -140,12 +144,12 @@ def build_loader(config, rank: Optional[int] = None, world_size: Optional[int] =
 
     loader_val = _loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size,
                                                    shuffle=config.TEST.SHUFFLE, seed=config.SEED),
-                         config, is_train=False)
+                         config, is_train=False, rank=rank)
     if not build_train:
         return None, dataset_val, None, loader_val, None
     if len(dataset_train) < config.DATA.BATCH_SIZE * world_size:
         raise DataError(f'the training split has {len(dataset_train)} images, fewer than one batch of '
                         f'{config.DATA.BATCH_SIZE} on each of {world_size} ranks; lower --batch-size')
     sampler_train = TrainSampler(dataset_train, world_size, rank, seed=config.SEED)
-    loader_train = _loader(dataset_train, sampler_train, config, is_train=True)
+    loader_train = _loader(dataset_train, sampler_train, config, is_train=True, rank=rank)
     return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)

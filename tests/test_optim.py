@@ -203,13 +203,15 @@ def test_cosine_matches_timm_at_every_step(warmup_epochs):
 
 @pytest.mark.parametrize('prefix', [False, True])
 def test_step_matches_timm_at_every_step(prefix):
+    """Decay points counted from update 0 (timm's warmup_prefix=False, the official
+    code's timm 0.4.12 behaviour), whatever WARMUP_PREFIX says."""
     cfg = schedule_config('TRAIN.LR_SCHEDULER.NAME', 'step', 'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '3',
                           'TRAIN.LR_SCHEDULER.DECAY_RATE', '0.5', 'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix))
     t = cfg.TRAIN
     ours_opt, timm_opt = one_param_optimizer(t.BASE_LR), one_param_optimizer(t.BASE_LR)
     ours = build_scheduler(cfg, ours_opt, N_ITER)
     reference = StepLRScheduler(timm_opt, decay_t=3 * N_ITER, decay_rate=0.5, warmup_lr_init=t.WARMUP_LR,
-                                warmup_t=t.WARMUP_EPOCHS * N_ITER, t_in_epochs=False, warmup_prefix=prefix)
+                                warmup_t=t.WARMUP_EPOCHS * N_ITER, t_in_epochs=False, warmup_prefix=False)
     for step in range(t.EPOCHS * N_ITER + 5):
         ours.step_update(step)
         reference.step_update(step)
@@ -271,7 +273,7 @@ def test_step_shape(prefix):
                           'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '3', 'TRAIN.LR_SCHEDULER.DECAY_RATE', '0.5',
                           'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix))
     s = build_scheduler(cfg, one_param_optimizer(), N_ITER)
-    base, start = cfg.TRAIN.BASE_LR, N_ITER if prefix else 0
+    base, start = cfg.TRAIN.BASE_LR, 0  # counted from update 0 with or without prefix
     drop = 3 * N_ITER
     assert s.lr_at(start + drop - 1) == pytest.approx(base)
     assert s.lr_at(start + drop) == pytest.approx(base * 0.5)
@@ -283,7 +285,7 @@ def test_multistep_shape(prefix):
     cfg = schedule_config('TRAIN.LR_SCHEDULER.NAME', 'multistep', 'TRAIN.LR_SCHEDULER.MULTISTEPS', '[3, 6]',
                           'TRAIN.LR_SCHEDULER.GAMMA', '0.1', 'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix))
     s = build_scheduler(cfg, one_param_optimizer(), N_ITER)
-    base, start = cfg.TRAIN.BASE_LR, s.warmup_steps if prefix else 0
+    base, start = cfg.TRAIN.BASE_LR, 0  # milestones are epochs from the start, as officially
     assert s.lr_at(start + 3 * N_ITER - 1) == pytest.approx(base)
     assert s.lr_at(start + 3 * N_ITER) == pytest.approx(base * 0.1)
     assert s.lr_at(start + 6 * N_ITER - 1) == pytest.approx(base * 0.1)

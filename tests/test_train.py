@@ -142,13 +142,15 @@ def test_accumulation_equals_one_large_batch(cfg_file, tmp_path):
     assert m_acc['lr'] == pytest.approx(m_big['lr'])
 
 
-def test_resume_continues_exactly(cfg_file, tmp_path):
+@pytest.mark.parametrize('workers', [0, 1])
+def test_resume_continues_exactly(cfg_file, tmp_path, workers):
     """Resuming the epoch-0 checkpoint of a 3-epoch run reproduces the uninterrupted run:
     epoch numbering, LR, optimizer state and weights, bit for bit. Drop path (torch RNG),
     mixup (numpy RNG) and random erasing (python and torch RNG) make the restored random
     states matter."""
     first = tmp_path / 'first'
-    randomness = ['MODEL.DROP_PATH_RATE', '0.2', 'AUG.MIXUP', '0.8', 'AUG.REPROB', '0.5']
+    randomness = ['MODEL.DROP_PATH_RATE', '0.2', 'AUG.MIXUP', '0.8', 'AUG.REPROB', '0.5',
+                  'DATA.NUM_WORKERS', str(workers)]
     assert _run(cfg_file, first, '--opts', 'TRAIN.EPOCHS', '3', 'SAVE_KEEP_LAST', '0', *randomness) == 0
     run_dir = first / 'tiny' / 'default'
     resumed = tmp_path / 'resumed' / 'tiny' / 'default'
@@ -180,6 +182,19 @@ def test_explicit_resume_wins_over_auto_resume(cfg_file, trained, tmp_path):
     log = (run_dir / 'log_rank0.txt').read_text()
     assert 'auto-resume would have taken' in log and 'continuing at epoch 2' in log
     assert [m['epoch'] for m in _metrics(run_dir)] == [2]
+    # the abandoned timeline's newer checkpoint was set aside (kept), not overwritten unseen
+    assert (run_dir / 'ckpt_epoch_2.pth.stale').exists() and 'renamed' in log
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(cfg_file, trained, tmp_path):
+    run_dir = tmp_path / 'tiny' / 'default'
+    run_dir.mkdir(parents=True)
+    for epoch in (1, 2):  # left by another run in the same folder
+        shutil.copy(trained / f'ckpt_epoch_{epoch}.pth', run_dir)
+    assert _run(cfg_file, tmp_path, '--opts', 'TRAIN.EPOCHS', '1', 'TRAIN.AUTO_RESUME', 'False',
+                'SAVE_KEEP_LAST', '1') == 0
+    assert (run_dir / 'ckpt_epoch_0.pth').exists()
+    assert sorted(p.name for p in run_dir.glob('*.stale')) == ['ckpt_epoch_1.pth.stale', 'ckpt_epoch_2.pth.stale']
 
 
 @pytest.mark.parametrize('dtype', ['bf16', 'fp16'])
@@ -309,6 +324,51 @@ def test_auto_resume_skips_a_torn_newest_checkpoint(cfg_file, trained, tmp_path)
     assert _run(cfg_file, tmp_path, '--opts', 'TRAIN.EPOCHS', '3') == 0
     log = (run_dir / 'log_rank0.txt').read_text()
     assert 'auto-resume skips' in log and 'ckpt_epoch_2.pth' in log and 'continuing at epoch 2' in log
+
+
+def test_resuming_with_another_optimizer_is_one_line(cfg_file, trained, tmp_path, capsys):
+    assert _run(cfg_file, tmp_path, '--optim', 'sgd', '--resume', str(trained / 'ckpt_epoch_1.pth'),
+                '--opts', 'TRAIN.EPOCHS', '3') == 2
+    assert 'another optimizer' in _one_line(capsys)
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    import checkpoint
+    path = tmp_path / 'ckpt_epoch_0.pth'
+    checkpoint.atomic_save({'model': {'w': torch.ones(2)}}, str(path))
+
+    def full_disk(obj, f):
+        f.write(b'partial')
+        raise RuntimeError('[enforce fail at inline_container.cc] unexpected pos')  # torch's ENOSPC
+    monkeypatch.setattr(checkpoint.torch, 'save', full_disk)
+    with pytest.raises(checkpoint.OutputError, match='previous file is untouched'):
+        checkpoint.atomic_save({'model': {'w': torch.zeros(2)}}, str(path))
+    assert os.listdir(tmp_path) == ['ckpt_epoch_0.pth']
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)['model']['w'], torch.ones(2))
+
+
+def test_a_write_error_on_rank_0_stops_every_rank_with_one_line(cfg_file, tmp_path):
+    out = tmp_path / 'out'
+    (out / 'tiny' / 'default' / 'best.pth').mkdir(parents=True)  # cannot be replaced by a file
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                           '--master_port', str(29700 + os.getpid() % 500), os.path.join(ROOT, 'main.py'),
+                           '--cfg', cfg_file, '--output', str(out), '--batch-size', '4',
+                           '--opts', 'TRAIN.EPOCHS', '1', 'TRAIN.AUTO_RESUME', 'False'],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"error (rank {rank}): cannot write '" in proc.stderr, proc.stderr[-3000:]
+    assert 'Connection reset' not in proc.stderr
+
+
+def test_prepare_into_an_unwritable_place_is_one_line(tmp_path, capsys):
+    (tmp_path / 'file').write_text('')
+    demo = os.path.join(ROOT, 'configs', 'demo', 'swin_micro_digits.yaml')
+    assert main.main(['--cfg', demo, '--data-path', str(tmp_path / 'file' / 'digits'),
+                      '--output', str(tmp_path / 'out')]) == 2
+    assert 'cannot write the digits dataset' in _one_line(capsys)
 
 
 def test_output_folder_not_writable(cfg_file, tmp_path, capsys):
