@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 EPOCH_FILE = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
+STEP_FILE = re.compile(r'^ckpt_step_(\d+)\.pth$')  # mid-epoch, numbered by optimizer updates done
 BEST_FILE = 'best.pth'
+LATEST_FILE = 'latest'  # names the newest checkpoint; rewritten only after it is in place
 # derived buffers the model rebuilds itself; a file may carry them or not (see the model)
 _DERIVED_SUFFIXES = ('relative_position_index', 'attn_mask')
 
@@ -33,6 +35,10 @@ class OutputError(ValueError):
 
 def epoch_checkpoint_name(epoch: int) -> str:
     return f'ckpt_epoch_{epoch}.pth'
+
+
+def step_checkpoint_name(updates: int) -> str:
+    return f'ckpt_step_{updates}.pth'
 
 
 def _fsync_dir(folder: str) -> None:
@@ -111,16 +117,44 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     return removed
 
 
-def epoch_checkpoints(folder: str) -> list[tuple[int, str]]:
-    """(epoch, path) of the epoch checkpoints in `folder`, oldest first."""
+def _numbered(folder: str, pattern: re.Pattern) -> list[tuple[int, str]]:
     if not os.path.isdir(folder):
         return []
     found = []
     for name in os.listdir(folder):
-        m = EPOCH_FILE.match(name)
+        m = pattern.match(name)
         if m:
             found.append((int(m.group(1)), os.path.join(folder, name)))
     return sorted(found)
+
+
+def epoch_checkpoints(folder: str) -> list[tuple[int, str]]:
+    """(epoch, path) of the epoch checkpoints in `folder`, oldest first."""
+    return _numbered(folder, EPOCH_FILE)
+
+
+def step_checkpoints(folder: str) -> list[tuple[int, str]]:
+    """(updates done, path) of the mid-epoch checkpoints in `folder`, oldest first."""
+    return _numbered(folder, STEP_FILE)
+
+
+def mark_latest(folder: str, path: str) -> None:
+    atomic_write_text(os.path.basename(path) + '\n', os.path.join(folder, LATEST_FILE))
+
+
+def resume_candidates(folder: str) -> list[str]:
+    """Checkpoints to try, newest first: the one `latest` names, then every epoch and
+    mid-epoch checkpoint by modification time."""
+    paths = [p for _, p in epoch_checkpoints(folder) + step_checkpoints(folder)]
+    paths.sort(key=os.path.getmtime, reverse=True)
+    marker = os.path.join(folder, LATEST_FILE)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            named = os.path.join(folder, f.read().strip())
+        if named in paths:
+            paths.remove(named)
+            paths.insert(0, named)
+    return paths
 
 
 def prune_checkpoints(folder: str, keep_last: int, current_epoch: int) -> list[str]:
@@ -136,15 +170,23 @@ def prune_checkpoints(folder: str, keep_last: int, current_epoch: int) -> list[s
     return removed
 
 
-def set_aside_later_checkpoints(folder: str, epoch: int) -> list[str]:
-    """Rename epoch checkpoints newer than `epoch` to '*.stale' (kept, but no longer seen by
-    auto-resume or pruning): a run restarted at an earlier epoch abandons that timeline."""
-    moved = []
-    for e, path in epoch_checkpoints(folder):
-        if e > epoch:
-            os.replace(path, path + '.stale')
-            moved.append(path)
-    return moved
+def prune_step_checkpoints(folder: str, keep_from: int) -> None:
+    """Delete mid-epoch checkpoints older than `keep_from` updates: a newer one supersedes them."""
+    for updates, path in step_checkpoints(folder):
+        if updates < keep_from:
+            os.remove(path)
+
+
+def set_aside_later_checkpoints(folder: str, epoch: int, updates: int, keep: Optional[str] = None) -> list[str]:
+    """Rename epoch checkpoints of epochs after `epoch` and mid-epoch ones after `updates`
+    (except `keep`, the file resumed from) to '*.stale' (kept, but no longer seen by
+    auto-resume or pruning): a run restarted at an earlier point abandons that timeline."""
+    later = [p for e, p in epoch_checkpoints(folder) if e > epoch]
+    later += [p for u, p in step_checkpoints(folder) if u > updates]
+    later = [p for p in later if keep is None or os.path.abspath(p) != os.path.abspath(keep)]
+    for path in later:
+        os.replace(path, path + '.stale')
+    return later
 
 
 def read_checkpoint(path: str) -> dict:
@@ -165,9 +207,9 @@ def read_checkpoint(path: str) -> dict:
 
 
 def newest_readable_checkpoint(folder: str, logger: logging.Logger) -> Optional[tuple[str, dict]]:
-    """The newest epoch checkpoint in `folder` that loads; unreadable ones are skipped with
-    a warning naming them (and left on disk for the user to inspect)."""
-    for _, path in reversed(epoch_checkpoints(folder)):
+    """The newest checkpoint in `folder` that loads; unreadable ones are skipped with a
+    warning naming them (and left on disk for the user to inspect)."""
+    for path in resume_candidates(folder):
         try:
             return path, read_checkpoint(path)
         except CheckpointError as e:

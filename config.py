@@ -129,6 +129,9 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 # Activation checkpointing to save memory
 _C.TRAIN.USE_CHECKPOINT = False
+# [New] Updates with a non-finite loss or gradient norm are skipped and counted; after this
+# many in a row the run saves a checkpoint and stops (exit code 3)
+_C.TRAIN.MAX_CONSECUTIVE_SKIPS = 25
 # [New] How BASE_LR, WARMUP_LR and MIN_LR follow the effective batch (batch x world size x
 # accumulation): 'linear' multiplies them by batch / 512 (the official rule), 'sqrt' by
 # sqrt(batch / 512), 'none' uses them as written
@@ -214,6 +217,9 @@ _C.OUTPUT = 'output'
 _C.TAG = 'default'
 # Frequency (epochs) to save checkpoints
 _C.SAVE_FREQ = 1
+# [New] Also checkpoint every this many optimizer updates, in the middle of epochs, so a
+# killed or preempted run loses at most that much work (0: epoch checkpoints only)
+_C.SAVE_STEP_FREQ = 500
 # [New] Epoch checkpoints kept in the output folder (the oldest are deleted); 0 keeps all.
 # best.pth and the last epoch's checkpoint are always kept
 _C.SAVE_KEEP_LAST = 3
@@ -501,10 +507,16 @@ def validate_config(config: CN) -> None:
     _check_choice(config.TRAIN.LR_SCHEDULER.NAME, LR_SCHEDULERS, 'TRAIN.LR_SCHEDULER.NAME')
     _check_choice(config.TRAIN.LR_SCALING, LR_SCALINGS, 'TRAIN.LR_SCALING')
     _check(config.SAVE_FREQ >= 1, f"SAVE_FREQ must be >= 1 (epochs), got {config.SAVE_FREQ}")
+    _check(config.SAVE_STEP_FREQ >= 0, f"SAVE_STEP_FREQ must be >= 0 (0: off), got {config.SAVE_STEP_FREQ}")
+    _check(config.TRAIN.MAX_CONSECUTIVE_SKIPS >= 1,
+           f"TRAIN.MAX_CONSECUTIVE_SKIPS must be >= 1, got {config.TRAIN.MAX_CONSECUTIVE_SKIPS}")
     _check(config.SAVE_KEEP_LAST >= 0, f"SAVE_KEEP_LAST must be >= 0 (0 keeps all), got {config.SAVE_KEEP_LAST}")
     _check(config.PRINT_FREQ >= 1, f"PRINT_FREQ must be >= 1 (steps), got {config.PRINT_FREQ}")
     _check_choice(config.AMP_DTYPE, AMP_DTYPES, 'AMP_DTYPE')
     _validate_architecture(config.MODEL.SWIN, 'MODEL.SWIN')
+    _check(config.DATA.IMG_SIZE >= config.MODEL.SWIN.PATCH_SIZE,
+           f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is smaller than one patch (MODEL.SWIN.PATCH_SIZE "
+           f"{config.MODEL.SWIN.PATCH_SIZE}); nothing would be left to attend to")
 
 
 def mixup_active(config: CN) -> bool:

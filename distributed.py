@@ -23,6 +23,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    control_group: Any = None  # a gloo group for small CPU-side agreements (None: the default group)
 
     @property
     def distributed(self) -> bool:
@@ -54,7 +55,8 @@ def init_distributed() -> DistContext:
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         kwargs = {'device_id': device} if device.type == 'cuda' else {}
         dist.init_process_group(backend=backend, **kwargs)
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    control = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else None
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, control)
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:

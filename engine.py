@@ -9,7 +9,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -83,6 +83,7 @@ class TrainParts:
     world_size: int
     logger: logging.Logger
     metrics: MetricsLog
+    guard: 'NonFiniteGuard'
 
 
 def updates_per_epoch(num_batches: int, accumulation_steps: int) -> int:
@@ -98,12 +99,73 @@ def _grad_norm(parameters: list[torch.Tensor], clip: Optional[float]) -> torch.T
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
-def train_one_epoch(parts: TrainParts, loader, epoch: int) -> dict[str, float]:
+class DivergedError(RuntimeError):
+    """Training stopped after too many consecutive non-finite updates (exit code 3)."""
+
+
+class NonFiniteGuard:
+    """Skips an update whose gradient norm is not finite (a non-finite loss makes it so),
+    for fp16 and bf16 alike, and counts skips on the device: with a fused optimizer the
+    skip is the kernel's `found_inf` flag, so no step waits for the GPU. The gradients are
+    all-reduced before the norm, so every rank takes the same decision."""
+
+    def __init__(self, device: torch.device, limit: int):
+        self.limit = limit
+        self.total = torch.zeros((), dtype=torch.int64, device=device)
+        self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_update = torch.full((), -1, dtype=torch.int64, device=device)
+        self.reported = 0
+
+    def step(self, optimizer: torch.optim.Optimizer, scaler, grad_norm: torch.Tensor, update: int) -> None:
+        bad = ~torch.isfinite(grad_norm)
+        self.total += bad
+        self.consecutive = (self.consecutive + 1) * bad
+        self.last_update = torch.where(bad, torch.full_like(self.last_update, update), self.last_update)
+        if scaler is not None:  # the scaler skips non-finite gradients by itself
+            scaler.step(optimizer)
+            scaler.update()
+        elif optimizer.defaults.get('fused'):
+            optimizer.found_inf = bad.float()
+            optimizer.step()
+            del optimizer.found_inf
+        elif not bad.item():  # other kernels cannot skip on the device
+            optimizer.step()
+
+    def check(self, logger: logging.Logger) -> Optional[str]:
+        """Log new skips; past the limit, the message to stop with (reads the counters:
+        call it only where the loop waits for the device anyway)."""
+        total, consecutive = int(self.total.item()), int(self.consecutive.item())
+        if total > self.reported:
+            logger.warning(f'skipped {total - self.reported} update(s) with a non-finite loss or gradient norm '
+                           f'(last: update {int(self.last_update.item())}; {total} in this run)')
+            self.reported = total
+        if consecutive < self.limit:
+            return None
+        return (f'{consecutive} consecutive updates had a non-finite loss or gradient norm '
+                           f'(TRAIN.MAX_CONSECUTIVE_SKIPS {self.limit}); likely causes: a learning rate too '
+                           f'high (lower TRAIN.BASE_LR, lengthen TRAIN.WARMUP_EPOCHS, set TRAIN.CLIP_GRAD) or fp16 '
+                f'overflow (use AMP_DTYPE bf16)')
+
+
+@dataclass
+class EpochStart:
+    """Where an epoch begins: micro-steps already done (a mid-epoch resume) and their loss."""
+    step: int = 0
+    loss_sum: float = 0.0
+
+
+def train_one_epoch(parts: TrainParts, loader, epoch: int, start: Optional[EpochStart] = None,
+                    on_update: Optional[Callable[[int, int, torch.Tensor], bool]] = None) -> dict[str, Any]:
     """One pass over the training loader: `TRAIN.ACCUMULATION_STEPS` micro-batches per
     optimizer update (gradients all-reduced only on the last one), the LR set per update,
     a log line every PRINT_FREQ micro-steps. Nothing waits for the device except on those
-    lines and at the end. Returns the epoch's mean loss over all ranks, the LR and images/s."""
+    lines and at the end. `start` resumes inside the epoch (the sampler must already skip
+    the samples done). After each update `on_update(steps_done, updates_done, loss_sum)`
+    may save a checkpoint and return True to stop the epoch there. Returns the epoch's mean
+    loss over all ranks, the LR, images/s, and `stop`: None, 'signal' (on_update asked) or
+    'diverged' (with `message`: too many non-finite updates in a row)."""
     cfg, model, optimizer, device = parts.config, parts.model, parts.optimizer, parts.device
+    start = start or EpochStart()
     accum = cfg.TRAIN.ACCUMULATION_STEPS
     n_updates = updates_per_epoch(len(loader), accum)
     n_steps = n_updates * accum  # a trailing partial accumulation would leak into the next epoch
@@ -114,12 +176,13 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int) -> dict[str, float]:
 
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    loss_sum = torch.full((), start.loss_sum, device=device, dtype=torch.float64)
     grad_norm = torch.zeros((), device=device)
-    logged_loss, logged_step, data_wait = 0.0, 0, 0.0
+    logged_loss, logged_step, data_wait = start.loss_sum, start.step, 0.0
     epoch_start = interval_start = time.perf_counter()
     batches = iter(loader)
-    for step in range(n_steps):
+    stop, message, check_due = None, None, False
+    for step in range(start.step, n_steps):
         tic = time.perf_counter()
         images, targets = next(batches)
         data_wait += time.perf_counter() - tic
@@ -142,17 +205,13 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int) -> dict[str, float]:
 
         printing = (step + 1) % cfg.PRINT_FREQ == 0 or step + 1 == n_steps
         if updating:
-            if parts.scaler is not None and (clip or printing):
-                parts.scaler.unscale_(optimizer)
-            if clip or printing:
-                grad_norm = _grad_norm(params, clip)
+            update = first_update + step // accum
             if parts.scaler is not None:
-                parts.scaler.step(optimizer)
-                parts.scaler.update()
-            else:
-                optimizer.step()
+                parts.scaler.unscale_(optimizer)
+            grad_norm = _grad_norm(params, clip)
+            parts.guard.step(optimizer, parts.scaler, grad_norm, update)
             optimizer.zero_grad(set_to_none=True)
-            parts.scheduler.step_update(first_update + (step + 1) // accum)
+            parts.scheduler.step_update(update + 1)
 
         if printing:
             synchronize(device)
@@ -175,16 +234,33 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int) -> dict[str, float]:
             parts.metrics.scalars(update, {'train/loss': (total - logged_loss) / steps, 'train/lr': lr,
                                            'train/grad_norm': norm})
             logged_loss, logged_step, data_wait, interval_start = total, step + 1, 0.0, now
+            check_due = True  # at the next update boundary, where a checkpoint could be taken
+
+        if updating and check_due:
+            check_due = False
+            message = parts.guard.check(parts.logger)
+            if message:
+                stop = 'diverged'
+                break
+        if updating and on_update is not None and on_update(step + 1, first_update + (step + 1) // accum, loss_sum):
+            stop = 'signal'
+            break
 
     synchronize(device)
     elapsed = time.perf_counter() - epoch_start
-    totals = all_reduce_sum(torch.stack([loss_sum, torch.full((), n_steps, dtype=torch.float64, device=device)]))
-    images_seen = n_steps * cfg.DATA.BATCH_SIZE * parts.world_size
+    steps_done = step + 1 if n_steps > start.step else start.step
+    totals = all_reduce_sum(torch.stack([loss_sum, torch.full((), steps_done, dtype=torch.float64, device=device)]))
+    images_seen = (steps_done - start.step) * cfg.DATA.BATCH_SIZE * parts.world_size
     result = {'train_loss': (totals[0] / totals[1]).item(),
-              'lr': parts.scheduler.lr_at(first_update + n_updates - 1),
-              'img_per_s': images_seen / elapsed, 'train_time': elapsed, 'updates': first_update + n_updates}
-    parts.logger.info(f'EPOCH {epoch} training took {datetime.timedelta(seconds=int(elapsed))}, '
-                      f'{result["img_per_s"]:.1f} images/s, loss {result["train_loss"]:.4f}')
+              'lr': parts.scheduler.lr_at(first_update + steps_done // accum - 1),
+              'img_per_s': images_seen / elapsed, 'train_time': elapsed,
+              'updates': first_update + steps_done // accum, 'steps_done': steps_done,
+              'loss_sum': loss_sum.item(), 'stop': stop, 'message': message}
+    if stop is None:
+        result['message'] = parts.guard.check(parts.logger)
+        result['stop'] = 'diverged' if result['message'] else None
+        parts.logger.info(f'EPOCH {epoch} training took {datetime.timedelta(seconds=int(elapsed))}, '
+                          f'{result["img_per_s"]:.1f} images/s, loss {result["train_loss"]:.4f}')
     return result
 
 

@@ -2,6 +2,7 @@
 validation, so that every validation image is scored exactly once on any number of ranks."""
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import torch
@@ -17,10 +18,15 @@ class TrainSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=False)
         self._iterated = False  # iterated since the last set_epoch
+        self._start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch `epoch`'s order, beginning at this rank's `start`-th sample (a run resumed
+        in the middle of an epoch skips what it already trained on). len() stays the
+        whole share."""
         super().set_epoch(epoch)
         self._iterated = False
+        self._start = start
         if hasattr(self.dataset, 'set_epoch'):
             self.dataset.set_epoch(epoch)
 
@@ -30,7 +36,8 @@ class TrainSampler(DistributedSampler):
         if self._iterated:
             self.set_epoch(self.epoch + 1)
         self._iterated = True
-        return super().__iter__()
+        order = super().__iter__()
+        return itertools.islice(order, self._start, None) if self._start else order
 
 
 def shard_bounds(length: int, rank: int, world_size: int) -> tuple[int, int]:
