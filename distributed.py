@@ -54,7 +54,12 @@ def init_distributed() -> DistContext:
     if not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         kwargs = {'device_id': device} if device.type == 'cuda' else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        store, rank, world_size = next(dist.rendezvous('env://'))
+        # Keys of this attempt only: after torchrun restarts a group, a store still holding
+        # the previous attempt's keys made new ranks dial a dead peer's address.
+        attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f'attempt_{attempt}/', store),
+                                rank=rank, world_size=world_size, **kwargs)
     control = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else None
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, control)
 

@@ -1,6 +1,6 @@
-"""Never losing a run: mid-epoch checkpoints and exact resume, stop signals, a changed
-world size, non-finite updates, the output-folder lock, and one-line errors for every bad
-input."""
+"""Never losing a run: mid-epoch checkpoints and exact resume, stop signals, torchrun
+restarts after a killed worker, a changed world size, non-finite updates, the output-folder
+lock, and one-line errors for every bad input."""
 import json
 import os
 import shutil
@@ -89,6 +89,30 @@ def test_second_signal_exits_at_once(monkeypatch):
     assert stop.signal_name == 'SIGUSR1' and not exits
     stop._handle(signal.SIGTERM, None)
     assert exits == [128 + signal.SIGTERM]
+
+
+def test_torchrun_restarts_after_a_killed_worker_and_finishes(cfg_file, tmp_path):
+    out = tmp_path / 'out'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                             '--max-restarts', '1', '--rdzv-backend', 'c10d',
+                             '--rdzv-endpoint', f'localhost:{29800 + os.getpid() % 100}',
+                             os.path.join(ROOT, 'main.py'), '--cfg', cfg_file, '--output', str(out),
+                             '--batch-size', '4', '--opts', 'TRAIN.EPOCHS', '6', 'SAVE_STEP_FREQ', '1'],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / 'stderr.txt', 'w'), env=env)
+    log = out / 'tiny' / 'default' / 'log_rank0.txt'  # (a pipe would fill up and stall the launcher)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and 'Train: [1/' in log.read_text()):
+        time.sleep(0.2)
+    children = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
+    workers = [pid for pid in children if b'main.py' in open(f'/proc/{pid}/cmdline', 'rb').read()]
+    assert workers, 'no worker processes found'
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    assert proc.wait(timeout=300) == 0, (tmp_path / 'stderr.txt').read_text()[-3000:]
+    run_dir = out / 'tiny' / 'default'
+    assert [m['epoch'] for m in _metrics(run_dir)] == list(range(6))  # each epoch once
+    text = log.read_text()
+    assert 'auto-resume' in text and 'resumed from' in text
 
 
 def test_resume_with_another_world_or_batch_keeps_the_schedule(cfg_file, tmp_path, monkeypatch):
