@@ -27,11 +27,16 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        return _active()
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def _active() -> bool:
+    """A process group is up (the collectives below are no-ops without one)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def _launched_by_torchrun() -> bool:
@@ -76,25 +81,25 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (a no-op for one process); returns the tensor."""
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank (small objects only)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -103,7 +108,7 @@ def gather_objects(obj: Any) -> list[Any]:
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s `obj` on every rank (small objects only)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)

@@ -36,7 +36,8 @@ class MetricsLog:
         if not self.enabled:
             return 0
         lines = _read_lines(self.path)
-        keep = [line for line in lines if _epoch_of(line) is None or _epoch_of(line) < epoch]
+        epochs = [_epoch_of(line) for line in lines]
+        keep = [line for line, e in zip(lines, epochs) if e is None or e < epoch]
         if len(keep) == len(lines):
             return 0
         atomic_write_text(''.join(keep), self.path)

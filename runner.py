@@ -31,12 +31,12 @@ from preemption import EXIT_DIVERGED, EXIT_USER_ERROR
 from trainer import USER_ERRORS, train
 
 
-
 def run(config) -> int:
     """Run `config` in this process; returns the exit code (0, or 2 after a user mistake)."""
     lock = None
     try:
         ctx = init_distributed()
+        _check_output_writable(config.OUTPUT)
         lock = _claim_output(config.OUTPUT) if ctx.is_main else None
         code = _run(config, ctx)
     except (USER_ERRORS + (engine.DivergedError,)) as e:
@@ -57,7 +57,6 @@ def _claim_output(folder: str):
     """Hold an exclusive lock on the output folder for the whole run, so a second run
     started into it by mistake stops at once instead of mixing files (the lock dies with
     the process, so a restarted run gets it)."""
-    _check_output_writable(folder)
     handle = open(os.path.join(folder, '.lock'), 'a+')
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -123,7 +122,6 @@ def _log_environment(config, ctx: DistContext, logger, amp_note: str) -> None:
 
 def _run(config, ctx: DistContext) -> int:
     seed_everything(config.SEED + ctx.rank)
-    _check_output_writable(config.OUTPUT)
     logger = create_logger(config.OUTPUT, ctx.rank, config.MODEL.NAME)
     if ctx.is_main:
         for name in ckpt.remove_stale_temporaries(config.OUTPUT):
@@ -139,7 +137,7 @@ def _run(config, ctx: DistContext) -> int:
         return 0
 
     _prepare_builtin_data(config, ctx, logger)
-    _, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config, ctx.rank, ctx.world_size, logger)
+    _, _, loader_train, loader_val, mixup_fn = build_loader(config, ctx.rank, ctx.world_size, logger)
     if ctx.is_main:  # after the data set MODEL.NUM_CLASSES; LRs as given (before batch scaling)
         _write_config(config)
         logger.info(f'config written to {os.path.join(config.OUTPUT, "config.yaml")}')
