@@ -22,7 +22,7 @@ STEP_FILE = re.compile(r'^ckpt_step_(\d+)\.pth$')  # mid-epoch, numbered by opti
 BEST_FILE = 'best.pth'
 LATEST_FILE = 'latest'  # names the newest checkpoint; rewritten only after it is in place
 # derived buffers the model rebuilds itself; a file may carry them or not (see the model)
-_DERIVED_SUFFIXES = ('relative_position_index', 'attn_mask')
+DERIVED_SUFFIXES = ('relative_position_index', 'attn_mask')
 
 
 class CheckpointError(ValueError):
@@ -218,37 +218,46 @@ def newest_readable_checkpoint(folder: str, logger: logging.Logger) -> Optional[
 
 
 def model_state_dict(checkpoint: dict) -> dict:
-    """The weights of an official/our checkpoint (`model` entry) or of a bare state dict,
-    without DDP's `module.` prefix."""
-    state = checkpoint.get('model', checkpoint)
+    """The weights of an official/our checkpoint (`model` entry), of a timm training
+    checkpoint (`state_dict`) or of a bare state dict, without DDP's `module.` prefix."""
+    state = checkpoint.get('model', checkpoint.get('state_dict', checkpoint))
     if not isinstance(state, dict):
         raise CheckpointError(f"the checkpoint's 'model' entry is a {type(state).__name__}, not a state dict")
     return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
 
 
-def _first(names: list[str], n: int = 3) -> str:
+def _first_names(names: list[str], n: int = 3) -> str:
     more = f' and {len(names) - n} more' if len(names) > n else ''
     return ', '.join(names[:n]) + more
+
+
+def mismatch_error(source: str, missing: list[str], unexpected: list[str],
+                   shapes: list[str]) -> Optional[CheckpointError]:
+    """One line naming the first keys a file lacks, has in excess, or has in another shape."""
+    problems = []
+    if missing:
+        problems.append(f'missing {_first_names(missing)}')
+    if unexpected:
+        problems.append(f'unexpected {_first_names(unexpected)}')
+    if shapes:
+        problems.append(f'shape mismatch {_first_names(shapes, 2)}')
+    if not problems:
+        return None
+    return CheckpointError(f"'{source}' does not fit this model (another architecture or config?): "
+                           + '; '.join(problems))
 
 
 def load_model_weights(model: torch.nn.Module, state: dict, source: str) -> None:
     """Strict load that reports a mismatch as one line naming the first differing keys."""
     own = model.state_dict()
-    derived = lambda k: k.endswith(_DERIVED_SUFFIXES)  # noqa: E731
+    derived = lambda k: k.endswith(DERIVED_SUFFIXES)  # noqa: E731
     missing = [k for k in own if k not in state and not derived(k)]
     unexpected = [k for k in state if k not in own and not derived(k)]
     shapes = [f'{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}' for k in own
               if k in state and not derived(k) and hasattr(state[k], 'shape') and state[k].shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f'missing {_first(missing)}')
-    if unexpected:
-        problems.append(f'unexpected {_first(unexpected)}')
-    if shapes:
-        problems.append(f'shape mismatch {_first(shapes, 2)}')
-    if problems:
-        raise CheckpointError(f"'{source}' does not fit this model (another architecture or config?): "
-                              + '; '.join(problems))
+    error = mismatch_error(source, missing, unexpected, shapes)
+    if error:
+        raise error
     model.load_state_dict(state, strict=True)
 
 

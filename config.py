@@ -73,6 +73,10 @@ _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
 _C.MODEL.PRETRAINED = ''
 # Checkpoint to resume from
 _C.MODEL.RESUME = ''
+# [New] With --pretrained: a text file with one class index of the pretrained classifier per
+# line (line i = the model's class i), e.g. the official map22kto1k.txt, so a 22k head keeps
+# its rows for 1k classes; '' re-initializes a head whose class count differs
+_C.MODEL.PRETRAINED_CLASS_MAP = ''
 # Number of classes
 _C.MODEL.NUM_CLASSES = 1000
 # Dropout rate
@@ -162,6 +166,20 @@ _C.TRAIN.OPTIMIZER.NESTEROV = True
 
 # Layer-wise LR decay for fine-tuning
 _C.TRAIN.LAYER_DECAY = 1.0
+
+# [New] Model EMA: an exponential moving average of the weights, updated after every
+# optimizer update, validated each epoch beside the model and saved in checkpoints
+_C.TRAIN.EMA = CN()
+_C.TRAIN.EMA.ENABLE = False
+_C.TRAIN.EMA.DECAY = 0.9998
+# Ramp the decay up as 1 - (1 + update)^(-2/3), capped at DECAY (timm's EMA warmup), so
+# early weights are not averaged in for long
+_C.TRAIN.EMA.WARMUP = False
+
+# [New] Freezing for fine-tuning: the patch embedding and the first FREEZE_STAGES stages
+# are not trained (0: none); LINEAR_PROBE trains the classifier only
+_C.TRAIN.FREEZE_STAGES = 0
+_C.TRAIN.LINEAR_PROBE = False
 
 # -----------------------------------------------------------------------------
 # Augmentation settings
@@ -513,6 +531,12 @@ def validate_config(config: CN) -> None:
     _check(config.SAVE_KEEP_LAST >= 0, f"SAVE_KEEP_LAST must be >= 0 (0 keeps all), got {config.SAVE_KEEP_LAST}")
     _check(config.PRINT_FREQ >= 1, f"PRINT_FREQ must be >= 1 (steps), got {config.PRINT_FREQ}")
     _check_choice(config.AMP_DTYPE, AMP_DTYPES, 'AMP_DTYPE')
+    _check(0.0 <= config.TRAIN.EMA.DECAY < 1.0, f"TRAIN.EMA.DECAY must be in [0, 1), got {config.TRAIN.EMA.DECAY}")
+    stages = len(config.MODEL.SWIN.DEPTHS)
+    _check(0 <= config.TRAIN.FREEZE_STAGES <= stages,
+           f"TRAIN.FREEZE_STAGES must be in [0, {stages}] (the model's stages), got {config.TRAIN.FREEZE_STAGES}")
+    _check(not (config.TRAIN.LINEAR_PROBE and config.MODEL.NUM_CLASSES == 0),
+           "TRAIN.LINEAR_PROBE trains the classifier only, but MODEL.NUM_CLASSES is 0 (no classifier)")
     _validate_architecture(config.MODEL.SWIN, 'MODEL.SWIN')
     _check(config.DATA.IMG_SIZE >= config.MODEL.SWIN.PATCH_SIZE,
            f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is smaller than one patch (MODEL.SWIN.PATCH_SIZE "
@@ -592,5 +616,22 @@ def get_config(args: argparse.Namespace) -> CN:
         config[section][key] = config[section][key].lower()
     validate_config(config)
     config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    config.freeze()
+    return config
+
+
+def config_from_yaml_text(text: str, source: str = "the checkpoint's config") -> CN:
+    """A config from YAML text (the `config` entry of a checkpoint: a full `config.dump()`)
+    over the defaults, validated and frozen, so tools rebuild a run's model from its
+    checkpoint alone."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse the YAML of {source}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping of keys, got {_type_name(data)}")
+    config = default_config()
+    _merge_mapping(config, data, source)
+    validate_config(config)
     config.freeze()
     return config

@@ -84,6 +84,7 @@ class TrainParts:
     logger: logging.Logger
     metrics: MetricsLog
     guard: 'NonFiniteGuard'
+    ema: Any = None             # timm ModelEmaV3, updated after every optimizer update
 
 
 def updates_per_epoch(num_batches: int, accumulation_steps: int) -> int:
@@ -210,6 +211,8 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, start: Optional[Epoch
                 parts.scaler.unscale_(optimizer)
             grad_norm = _grad_norm(params, clip)
             parts.guard.step(optimizer, parts.scaler, grad_norm, update)
+            if parts.ema is not None:  # step = updates done, so a resumed run gets the same decays
+                parts.ema.update(model.module if ddp else model, step=update + 1)
             optimizer.zero_grad(set_to_none=True)
             parts.scheduler.step_update(update + 1)
 

@@ -117,10 +117,12 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def describe_param_groups(optimizer: torch.optim.Optimizer) -> list[str]:
-    """One line per group for the run log, so a wrong decay or layer split is visible at start."""
+    """One line per group for the run log, so a wrong decay or layer split is visible at start.
+    Call it before the scheduler touches the LRs: `peak lr` is the group's BASE_LR x lr_scale."""
     lines = []
     for i, group in enumerate(optimizer.param_groups):
         count = sum(p.numel() for p in group['params'])
+        scale = group.get('lr_scale', 1.0)
         lines.append(f"{group.get('name', f'group_{i}')}: {len(group['params'])} tensors, {count:,} params, "
-                     f"weight_decay {group['weight_decay']:g}, lr_scale {group.get('lr_scale', 1.0):.4g}")
+                     f"weight_decay {group['weight_decay']:g}, lr_scale {scale:.4g}, peak lr {group['lr'] * scale:.4g}")
     return lines

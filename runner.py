@@ -6,6 +6,7 @@ User mistakes found here (data, checkpoints, output folder) raise one-line error
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import os
 import platform
@@ -28,6 +29,7 @@ from logger import create_logger
 from metrics_log import MetricsLog
 from models import build_model
 from preemption import EXIT_DIVERGED, EXIT_USER_ERROR
+from pretrained import load_pretrained
 from trainer import USER_ERRORS, train
 
 
@@ -159,18 +161,33 @@ def _build_model(config, ctx: DistContext, logger) -> nn.Module:
 
 
 def _evaluate_only(config, ctx: DistContext, model, loader_val, prep_val, amp_dtype, logger) -> int:
-    """--eval: score the weights of --resume (or --pretrained) on the validation split."""
+    """--eval: score the weights of --resume (strictly) or --pretrained (adapted as for
+    fine-tuning, but never with an untrained head) on the validation split; the EMA weights
+    too when the checkpoint holds them."""
     path = config.MODEL.RESUME or config.MODEL.PRETRAINED
     checkpoint = ckpt.read_checkpoint(path)
-    ckpt.load_model_weights(model, ckpt.model_state_dict(checkpoint), path)
-    logger.info(f'evaluating weights from {path}')
-    result = engine.validate(config, model, loader_val, prep_val, ctx.device, amp_dtype, logger)
-    logger.info(f'Accuracy of the network on the {result["n_images"]} test images: '
-                f'top-1 {result["acc1"]:.2f}%  top-5 {result["acc5"]:.2f}%')
-    metrics = MetricsLog(config.OUTPUT, ctx.is_main, tensorboard=False)
+    if config.MODEL.RESUME:
+        ckpt.load_model_weights(model, ckpt.model_state_dict(checkpoint), path)
+    else:
+        load_pretrained(model, path, logger, config.MODEL.PRETRAINED_CLASS_MAP, allow_head_reinit=False)
+    scored = [('model', model)]
+    if isinstance(checkpoint.get('model_ema'), dict):
+        ema = copy.deepcopy(model)
+        ckpt.load_model_weights(ema, ckpt.model_state_dict(checkpoint['model_ema']), f'{path} (model_ema)')
+        scored.append(('EMA model', ema))
     epoch = checkpoint.get('epoch')
-    metrics.append({'mode': 'eval', 'epoch': epoch if isinstance(epoch, int) else None,
-                    'checkpoint': os.path.abspath(path), 'acc1': result['acc1'], 'acc5': result['acc5'],
-                    'val_loss': result['val_loss'], 'n_images': result['n_images'], 'train_loss': None,
-                    'lr': None, 'img_per_s': result['n_images'] / max(result['val_time'], 1e-9)})
+    line = {'mode': 'eval', 'epoch': epoch if isinstance(epoch, int) else None, 'checkpoint': os.path.abspath(path),
+            'train_loss': None, 'lr': None}
+    for name, weights in scored:
+        logger.info(f'evaluating the {name} weights of {path}')
+        result = engine.validate(config, weights, loader_val, prep_val, ctx.device, amp_dtype, logger)
+        logger.info(f'Accuracy of the {name} on the {result["n_images"]} test images: '
+                    f'top-1 {result["acc1"]:.2f}%  top-5 {result["acc5"]:.2f}%')
+        prefix = '' if name == 'model' else 'ema_'
+        line.update({f'{prefix}acc1': result['acc1'], f'{prefix}acc5': result['acc5'],
+                     f'{prefix}val_loss': result['val_loss']})
+        if name == 'model':
+            line.update({'n_images': result['n_images'],
+                         'img_per_s': result['n_images'] / max(result['val_time'], 1e-9)})
+    MetricsLog(config.OUTPUT, ctx.is_main, tensorboard=False).append(line)
     return 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch.nn as nn
+from timm.utils import ModelEmaV3
 
 import checkpoint as ckpt
 import engine
@@ -24,6 +25,7 @@ from lr_scheduler import build_scheduler, scaled_learning_rates
 from metrics_log import MetricsLog
 from optimizer import build_optimizer, describe_param_groups
 from preemption import EXIT_PREEMPTED, StopRequest
+from pretrained import load_pretrained
 
 USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, ckpt.OutputError)
 
@@ -37,6 +39,8 @@ class ResumePoint:
     max_accuracy: Optional[float] = None
     rng: Optional[dict] = None
     path: Optional[str] = None
+    ema: Optional[dict] = None           # the checkpoint's EMA weights
+    max_ema_accuracy: Optional[float] = None
 
 
 @dataclass
@@ -52,6 +56,8 @@ class Run:
     logger: Any
     metrics: Optional[MetricsLog] = None
     max_accuracy: Optional[float] = None
+    ema: Any = None                # timm ModelEmaV3 when TRAIN.EMA.ENABLE
+    max_ema_accuracy: Optional[float] = None
 
     @property
     def effective_batch(self) -> int:
@@ -70,6 +76,11 @@ def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, p
         logger.info(f'{len(loader_train) % accum} trailing batches per epoch are skipped: {len(loader_train)} '
                     f'batches do not divide into updates of {accum}')
     _scale_learning_rates(config, ctx, logger)
+    frozen = model.freeze(config.TRAIN.FREEZE_STAGES, config.TRAIN.LINEAR_PROBE)
+    if frozen:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info(f'frozen (not trained, kept in eval mode): {", ".join(frozen)}; {trainable:,} of '
+                    f'{sum(p.numel() for p in model.parameters()):,} parameters train')
     optimizer = build_optimizer(config, model)
     for line in describe_param_groups(optimizer):
         logger.info(f'param group: {line}')
@@ -77,7 +88,8 @@ def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, p
               engine.make_scaler(amp_dtype, ctx.device), n_updates, logger)
 
     point = _resume_point(run)
-    run.max_accuracy = point.max_accuracy
+    run.max_accuracy, run.max_ema_accuracy = point.max_accuracy, point.max_ema_accuracy
+    run.ema = _build_ema(config, model, point, logger)
     start_update = point.epoch * n_updates + point.step // accum
     run.scheduler.step_update(start_update)
     if ctx.is_main:  # checkpoints after the start belong to a timeline this run abandons
@@ -93,7 +105,7 @@ def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, p
                               engine.build_criterion(config, mixup_fn is not None), mixup_fn,
                               DevicePreprocessor(config, ctx.device, is_train=True), ctx.device, amp_dtype,
                               ctx.world_size, logger, run.metrics,
-                              engine.NonFiniteGuard(ctx.device, config.TRAIN.MAX_CONSECUTIVE_SKIPS))
+                              engine.NonFiniteGuard(ctx.device, config.TRAIN.MAX_CONSECUTIVE_SKIPS), run.ema)
     dropped = run.metrics.drop_epochs_from(point.epoch)
     if dropped:
         logger.info(f'metrics.jsonl: removed {dropped} line(s) of epochs >= {point.epoch}, which this run repeats')
@@ -144,6 +156,8 @@ def _epochs(run: Run, parts, loader_train, loader_val, prep_val, amp_dtype, poin
                   'val_loss': val['val_loss'], 'lr': stats['lr'], 'img_per_s': stats['img_per_s'],
                   'max_acc1': run.max_accuracy, 'n_images': val['n_images'], 'updates': stats['updates'],
                   'train_time': stats['train_time']}
+        if run.ema is not None:
+            record.update(_validate_ema(run, loader_val, prep_val, amp_dtype))
         stopping = stop.agreed()  # a signal during validation: this epoch's checkpoint is the last
         save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or stopping
         ranks = gather_objects({'rng': ckpt.capture_rng(), 'loss_sum': 0.0}) if (save_epoch or improved) else None
@@ -154,6 +168,32 @@ def _epochs(run: Run, parts, loader_train, loader_val, prep_val, amp_dtype, poin
     total = datetime.timedelta(seconds=int(time.perf_counter() - began))
     logger.info(f'Training time {total}; max accuracy {run.max_accuracy:.2f}%')
     return 0
+
+
+def _build_ema(config, model: nn.Module, point: ResumePoint, logger) -> Optional[ModelEmaV3]:
+    """TRAIN.EMA: a copy of the (loaded) weights, averaged after every update; a resumed run
+    continues the checkpoint's average. The decay follows the global update count."""
+    if not config.TRAIN.EMA.ENABLE:
+        return None
+    ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY, use_warmup=config.TRAIN.EMA.WARMUP)
+    if point.ema is not None:
+        ckpt.load_model_weights(ema.module, ckpt.model_state_dict(point.ema), f'{point.path} (model_ema)')
+        logger.info(f'model EMA restored from {point.path}')
+    else:
+        start = f'the weights of {point.path}' if point.path else 'the initial weights'
+        logger.info(f'model EMA (decay {config.TRAIN.EMA.DECAY}, warmup {config.TRAIN.EMA.WARMUP}) starts from {start}')
+    return ema
+
+
+def _validate_ema(run: Run, loader_val, prep_val, amp_dtype) -> dict:
+    """Score the EMA weights like the model; the metrics line gets them beside the model's."""
+    val = engine.validate(run.config, run.ema.module, loader_val, prep_val, run.ctx.device, amp_dtype, run.logger)
+    if run.max_ema_accuracy is None or val['acc1'] > run.max_ema_accuracy:
+        run.max_ema_accuracy = val['acc1']
+    run.logger.info(f'Accuracy of the EMA model on the {val["n_images"]} test images: {val["acc1"]:.2f}%  '
+                    f'Max EMA accuracy: {run.max_ema_accuracy:.2f}%')
+    return {'ema_acc1': val['acc1'], 'ema_acc5': val['acc5'], 'ema_val_loss': val['val_loss'],
+            'max_ema_acc1': run.max_ema_accuracy}
 
 
 def _scale_learning_rates(config, ctx: DistContext, logger) -> None:
@@ -197,9 +237,7 @@ def _resume_point(run: Run) -> ResumePoint:
         raise ConfigError(refusal)
     if not path:
         if config.MODEL.PRETRAINED:
-            ckpt.load_model_weights(run.model, ckpt.model_state_dict(ckpt.read_checkpoint(config.MODEL.PRETRAINED)),
-                                    config.MODEL.PRETRAINED)
-            logger.info(f'started from the weights of {config.MODEL.PRETRAINED}')
+            load_pretrained(run.model, config.MODEL.PRETRAINED, logger, config.MODEL.PRETRAINED_CLASS_MAP)
         return ResumePoint(config.TRAIN.START_EPOCH)
     if config.MODEL.PRETRAINED:
         logger.info(f'--pretrained {config.MODEL.PRETRAINED} is not used: the run resumes from {path}')
@@ -227,7 +265,8 @@ def _restore(run: Run, state: dict, path: str) -> ResumePoint:
     _load_optimizer_state(run.optimizer, state['optimizer'], path)
     if run.scaler is not None and state.get('scaler'):
         run.scaler.load_state_dict(state['scaler'])
-    point = ResumePoint(int(state['epoch']) + 1, max_accuracy=state.get('max_accuracy'), path=path)
+    point = ResumePoint(int(state['epoch']) + 1, max_accuracy=state.get('max_accuracy'), path=path,
+                        ema=state.get('model_ema'), max_ema_accuracy=state.get('max_ema_accuracy'))
     ranks = state.get('ranks') or []
     same_setup = len(ranks) == ctx.world_size and state.get('effective_batch') == run.effective_batch
     if state.get('epoch_step'):
@@ -299,6 +338,9 @@ def _state(run: Run, finished_epoch: int, updates: int, ranks: list, epoch_step:
              'accumulation_steps': config.TRAIN.ACCUMULATION_STEPS, 'ranks': ranks}
     if epoch_step:
         state['epoch_step'] = epoch_step
+    if run.ema is not None:
+        state['model_ema'] = run.ema.module.state_dict()
+        state['max_ema_accuracy'] = run.max_ema_accuracy
     return state
 
 

@@ -1,0 +1,223 @@
+"""Start a model from another model's weights (`--pretrained`): official Swin files, bare
+state dicts, this project's checkpoints and timm-format files, fitted to the model's window
+size, image size and class count.
+
+Every adaptation is logged (position tables resized, head mapped or re-initialized); any
+other difference is an error naming the keys and shapes, so nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import checkpoint as ckpt
+
+HEAD_KEYS = ('head.weight', 'head.bias')
+_TIMM_DOWNSAMPLE = re.compile(r'^layers\.(\d+)\.downsample\.')
+
+
+@dataclass
+class LoadReport:
+    """What `load_pretrained` did, for the log and for tests."""
+    source_format: str                              # 'official' or 'timm'
+    loaded: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)     # 'key: old shape -> new shape'
+    head: str = 'kept'                              # 'kept', 'mapped', 'reinitialized', 'dropped', 'none'
+
+    def lines(self) -> list[str]:
+        parts = sorted({'.'.join(k.split('.')[:2]) if k.startswith('layers.') else k.split('.')[0]
+                        for k in self.loaded})
+        out = [f'pretrained: {len(self.loaded)} tensors loaded from {self.source_format}-format weights '
+               f'({", ".join(parts)}); classifier {self.head}']
+        return out + [f'pretrained: resized {r}' for r in self.resized]
+
+
+def is_timm_layout(state: dict) -> bool:
+    """timm names the classifier `head.fc` and puts each downsampling at the start of the
+    next stage (`layers.1.downsample` first); the official model ends stages 0..n-2 with it."""
+    if any(k.startswith('head.fc.') for k in state):
+        return True
+    stages = {int(m.group(1)) for k in state if (m := _TIMM_DOWNSAMPLE.match(k))}
+    return bool(stages) and 0 not in stages
+
+
+def from_timm(state: dict) -> dict:
+    """timm's Swin V1 keys -> the official ones (the tensors are the same)."""
+    out = {}
+    for key, value in state.items():
+        match = _TIMM_DOWNSAMPLE.match(key)
+        if match:
+            key = f'layers.{int(match.group(1)) - 1}.downsample.' + key[match.end():]
+        elif key.startswith('head.fc.'):
+            key = 'head.' + key[len('head.fc.'):]
+        out[key] = value
+    return out
+
+
+def resize_bias_table(table: torch.Tensor, side: int) -> torch.Tensor:
+    """A ((2w-1)^2, heads) relative position bias table resampled to (side^2, heads) by
+    bicubic interpolation over its square grid of offsets (the official fine-tuning rule)."""
+    old = math.isqrt(table.shape[0])
+    grid = table.float().t().reshape(1, -1, old, old)
+    grid = F.interpolate(grid, size=(side, side), mode='bicubic', align_corners=False)
+    return grid.reshape(-1, side * side).t().contiguous().to(table.dtype)
+
+
+def resize_position_embedding(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An absolute position embedding (1, H*W, C) on a square grid resampled to `size`."""
+    old = math.isqrt(pos.shape[1])
+    grid = pos.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=size, mode='bicubic', align_corners=False)
+    return grid.flatten(2).transpose(1, 2).contiguous().to(pos.dtype)
+
+
+def read_class_map(path: str, num_classes: int, source_classes: int) -> torch.Tensor:
+    """The row of the file's classifier for each of the model's classes: one integer per
+    line (the official map22kto1k.txt format)."""
+    try:
+        with open(path) as f:
+            rows = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise ckpt.CheckpointError(f"MODEL.PRETRAINED_CLASS_MAP '{path}' cannot be read ({e.strerror}); "
+                                   f"give the path of the class index file, or '' to re-initialize the head") from None
+    try:
+        index = [int(r) for r in rows]
+    except ValueError:
+        raise ckpt.CheckpointError(f"MODEL.PRETRAINED_CLASS_MAP '{path}' must hold one integer per line") from None
+    if len(index) != num_classes:
+        raise ckpt.CheckpointError(f"MODEL.PRETRAINED_CLASS_MAP '{path}' lists {len(index)} classes but the "
+                                   f"model has {num_classes}")
+    bad = [i for i in index if not 0 <= i < source_classes]
+    if bad:
+        raise ckpt.CheckpointError(f"MODEL.PRETRAINED_CLASS_MAP '{path}' holds index {bad[0]}, outside the "
+                                   f"{source_classes} classes of the pretrained head")
+    return torch.tensor(index, dtype=torch.long)
+
+
+def _patch_grid(model: torch.nn.Module) -> Optional[tuple[int, int]]:
+    grid = getattr(model, 'patches_resolution', None)
+    return tuple(grid) if grid is not None else None
+
+
+class _Fitter:
+    """Fits a state dict to a model's own, collecting what changed and what cannot be fitted."""
+
+    def __init__(self, model: torch.nn.Module, report: LoadReport):
+        self.model = model
+        self.own = model.state_dict()
+        self.report = report
+        self.problems: list[str] = []
+
+    def fit(self, key: str, value: torch.Tensor) -> Optional[torch.Tensor]:
+        want = self.own[key]
+        if value.shape == want.shape:
+            return value
+        if key.endswith('relative_position_bias_table') and value.shape[1] == want.shape[1] \
+                and math.isqrt(value.shape[0]) ** 2 == value.shape[0]:
+            side = math.isqrt(want.shape[0])
+            old = math.isqrt(value.shape[0])
+            self.report.resized.append(f'{key}: {old}x{old} -> {side}x{side} offsets (window '
+                                       f'{(old + 1) // 2} -> {(side + 1) // 2}), bicubic')
+            return resize_bias_table(value, side)
+        if key == 'absolute_pos_embed' and value.ndim == 3 and value.shape[2] == want.shape[2] \
+                and math.isqrt(value.shape[1]) ** 2 == value.shape[1]:
+            grid = _patch_grid(self.model)
+            old = math.isqrt(value.shape[1])
+            self.report.resized.append(f'{key}: {old}x{old} -> {grid[0]}x{grid[1]} patches, bicubic')
+            return resize_position_embedding(value, grid)
+        self.problems.append(f'{key} {tuple(value.shape)} vs model {tuple(want.shape)}')
+        return None
+
+
+def _fit_head(model: torch.nn.Module, state: dict, out: dict, class_map: str, allow_reinit: bool,
+              logger: logging.Logger, report: LoadReport) -> None:
+    """Keep the file's classifier, map its rows, or start it anew (zeros, as the official
+    fine-tuning does), depending on the class counts and MODEL.PRETRAINED_CLASS_MAP."""
+    own = model.state_dict()
+    has_head = all(k in own for k in HEAD_KEYS)
+    file_head = [k for k in HEAD_KEYS if k in state]
+    if not has_head:
+        if file_head:
+            report.head = 'dropped'
+            logger.info(f'the file\'s classifier ({tuple(state["head.weight"].shape)}) is not used: '
+                        f'the model has no head (num_classes 0)')
+        else:
+            report.head = 'none'
+        return
+    want_w = own['head.weight']
+    num_classes = want_w.shape[0]
+    if len(file_head) < 2:
+        file_rows = None
+    else:
+        w, b = state['head.weight'], state['head.bias']
+        if w.ndim != 2 or w.shape[1] != want_w.shape[1] or b.shape != (w.shape[0],):
+            raise ckpt.CheckpointError(f'the pretrained head {tuple(w.shape)} does not fit the model\'s '
+                                       f'{tuple(want_w.shape)} (other feature width: another architecture?)')
+        file_rows = w.shape[0]
+    if file_rows == num_classes:
+        out['head.weight'], out['head.bias'] = state['head.weight'], state['head.bias']
+        report.head = 'kept'
+        if class_map:
+            logger.info(f'MODEL.PRETRAINED_CLASS_MAP is not used: the file\'s head already has {num_classes} classes')
+        return
+    if file_rows is not None and class_map:
+        index = read_class_map(class_map, num_classes, file_rows)
+        out['head.weight'] = state['head.weight'][index].clone()
+        out['head.bias'] = state['head.bias'][index].clone()
+        report.head = 'mapped'
+        logger.info(f'classifier: {num_classes} of the file\'s {file_rows} classes selected by {class_map}')
+        return
+    found = f'{file_rows} classes' if file_rows is not None else 'no classifier'
+    if not allow_reinit:
+        raise ckpt.CheckpointError(f'the pretrained file has {found} and the model {num_classes}: evaluating would '
+                                   f'score an untrained head; set MODEL.PRETRAINED_CLASS_MAP to select its classes')
+    out['head.weight'] = torch.zeros_like(want_w)
+    out['head.bias'] = torch.zeros_like(own['head.bias'])
+    report.head = 'reinitialized'
+    hint = (' (to keep the classifier of a 22k checkpoint on 1k classes, set MODEL.PRETRAINED_CLASS_MAP to '
+            'the official map22kto1k.txt)' if file_rows and file_rows > num_classes else '')
+    logger.info(f'classifier re-initialized (zeros, as the official fine-tuning): the file has {found}, '
+                f'the model {num_classes}{hint}')
+
+
+def load_pretrained(model: torch.nn.Module, path: str, logger: logging.Logger, class_map: str = '',
+                    allow_head_reinit: bool = True) -> LoadReport:
+    """Load the weights in `path` into `model`, adapting what a fine-tuning needs adapted.
+
+    `allow_head_reinit` False (evaluation) makes a class-count mismatch without a class map
+    an error rather than a head of zeros.
+    """
+    state = ckpt.model_state_dict(ckpt.read_checkpoint(path))
+    non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if non_tensors:
+        raise ckpt.CheckpointError(f"'{path}' is not a state dict of tensors (entry {non_tensors[0]})")
+    report = LoadReport('timm' if is_timm_layout(state) else 'official')
+    if report.source_format == 'timm':
+        state = from_timm(state)
+    state = {k: v for k, v in state.items() if not k.endswith(ckpt.DERIVED_SUFFIXES)}
+
+    fitter = _Fitter(model, report)
+    out: dict[str, torch.Tensor] = {}
+    own_keys = [k for k in fitter.own if not k.endswith(ckpt.DERIVED_SUFFIXES)]
+    missing = [k for k in own_keys if k not in state and k not in HEAD_KEYS]
+    unexpected = [k for k in state if k not in fitter.own and k not in HEAD_KEYS]
+    for key in own_keys:
+        if key in state and key not in HEAD_KEYS:
+            value = fitter.fit(key, state[key])
+            if value is not None:
+                out[key] = value
+    error = ckpt.mismatch_error(path, missing, unexpected, fitter.problems)
+    if error:
+        raise error
+    _fit_head(model, state, out, class_map, allow_head_reinit, logger, report)
+    model.load_state_dict(out, strict=True)  # the model keeps its own derived buffers
+    report.loaded = sorted(out)
+    for line in report.lines():
+        logger.info(line)
+    return report
