@@ -194,6 +194,12 @@ def load_pretrained(model: torch.nn.Module, path: str, logger: logging.Logger, c
     an error rather than a head of zeros.
     """
     state = ckpt.model_state_dict(ckpt.read_checkpoint(path))
+    return fit_weights(model, state, path, logger, class_map, allow_head_reinit)
+
+
+def fit_weights(model: torch.nn.Module, state: dict, path: str, logger: logging.Logger, class_map: str = '',
+                allow_head_reinit: bool = True) -> LoadReport:
+    """`load_pretrained` for a state dict already read from `path`."""
     non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if non_tensors:
         raise ckpt.CheckpointError(f"'{path}' is not a state dict of tensors (entry {non_tensors[0]})")

@@ -29,7 +29,7 @@ from logger import create_logger
 from metrics_log import MetricsLog
 from models import build_model
 from preemption import EXIT_DIVERGED, EXIT_USER_ERROR
-from pretrained import load_pretrained
+from pretrained import fit_weights
 from trainer import USER_ERRORS, train
 
 
@@ -166,14 +166,19 @@ def _evaluate_only(config, ctx: DistContext, model, loader_val, prep_val, amp_dt
     too when the checkpoint holds them."""
     path = config.MODEL.RESUME or config.MODEL.PRETRAINED
     checkpoint = ckpt.read_checkpoint(path)
-    if config.MODEL.RESUME:
-        ckpt.load_model_weights(model, ckpt.model_state_dict(checkpoint), path)
-    else:
-        load_pretrained(model, path, logger, config.MODEL.PRETRAINED_CLASS_MAP, allow_head_reinit=False)
+
+    def load(target: nn.Module, entry: dict, source: str) -> None:
+        state = ckpt.model_state_dict(entry)
+        if config.MODEL.RESUME:
+            ckpt.load_model_weights(target, state, source)
+        else:
+            fit_weights(target, state, source, logger, config.MODEL.PRETRAINED_CLASS_MAP, allow_head_reinit=False)
+
+    load(model, checkpoint, path)
     scored = [('model', model)]
     if isinstance(checkpoint.get('model_ema'), dict):
         ema = copy.deepcopy(model)
-        ckpt.load_model_weights(ema, ckpt.model_state_dict(checkpoint['model_ema']), f'{path} (model_ema)')
+        load(ema, checkpoint['model_ema'], f'{path} (model_ema)')
         scored.append(('EMA model', ema))
     epoch = checkpoint.get('epoch')
     line = {'mode': 'eval', 'epoch': epoch if isinstance(epoch, int) else None, 'checkpoint': os.path.abspath(path),
