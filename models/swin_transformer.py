@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
+from .freezing import FreezableStages
 from .layers import (Mlp, SpareBuffers, add_drop_path, permute_tokens, release_spares_in_eval,
                      window_attention)
 
@@ -381,7 +382,7 @@ class PatchEmbed(nn.Module):
         return flops + (Ho * Wo * self.embed_dim if self.norm is not None else 0)
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(FreezableStages, nn.Module):
     """Swin Transformer V1 with the official constructor arguments and state_dict keys."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
@@ -425,7 +426,6 @@ class SwinTransformer(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-        self._frozen: tuple[str, ...] = ()  # names of submodules `freeze` took out of training
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -448,32 +448,6 @@ class SwinTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for layer in self.layers:
             layer.use_checkpoint = enable
-
-    def freeze(self, stages: int = 0, head_only: bool = False) -> list[str]:
-        """Stop training the patch embedding (and absolute position embedding) and the first
-        `stages` stages, or everything but the classifier with `head_only`. Frozen parts also
-        stay in eval mode, so stochastic depth and dropout leave them alone, as detection
-        backbones freeze stages. Returns the names of the frozen parts."""
-        if head_only:
-            names = [name for name, _ in self.named_children() if name != 'head']
-        elif stages > 0:
-            names = ['patch_embed', 'pos_drop'] + [f'layers.{i}' for i in range(stages)]
-        else:
-            return []
-        for name in names:
-            self.get_submodule(name).requires_grad_(False)
-        if self.ape and (head_only or stages > 0):
-            self.absolute_pos_embed.requires_grad_(False)
-            names.append('absolute_pos_embed')
-        self._frozen = tuple(n for n in names if n != 'absolute_pos_embed')
-        self.train(self.training)
-        return names
-
-    def train(self, mode: bool = True) -> 'SwinTransformer':
-        super().train(mode)
-        for name in self._frozen:
-            self.get_submodule(name).eval()
-        return self
 
     def _position_embedding(self, H: int, W: int) -> torch.Tensor:
         pos = self.absolute_pos_embed
