@@ -3,7 +3,6 @@ first stages kept out of training, and out of train mode."""
 from __future__ import annotations
 
 
-
 class FreezableStages:
     """Mixin for a Swin classifier with `patch_embed`, `pos_drop`, `layers`, `head` and an
     optional `absolute_pos_embed` (when `ape`); put it before nn.Module in the bases."""
