@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from config import ConfigError, get_config
 
 
-class _ArgumentParser(argparse.ArgumentParser):
+class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse that reports a mistake as one ConfigError line instead of usage + exit."""
 
     def error(self, message: str):
@@ -24,7 +24,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The official Swin command line (flags not given leave the YAML untouched)."""
-    p = _ArgumentParser('Swin Transformer training and evaluation')
+    p = OneLineArgumentParser('Swin Transformer training and evaluation')
     p.add_argument('--cfg', type=str, required=True, metavar='FILE', help='path to the config YAML')
     p.add_argument('--opts', nargs='+', default=None, metavar='KEY VALUE',
                    help='override config keys: --opts TRAIN.EPOCHS 100 DATA.IMG_SIZE 256')

@@ -99,6 +99,12 @@ def _read_file(path: str) -> bytes:
         return f.read()
 
 
+def class_folders(root: str) -> list[str]:
+    """Class names of an ImageFolder tree in label order (sorted folder names, hidden ones
+    skipped), as torchvision numbers them; also names the classes of a trained model."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+
+
 class FolderSource(Source):
     """`root/<class>/**/<image>`, classes and files in torchvision ImageFolder order (sorted
     names, sorted walk), so label indices match the official checkpoints."""
@@ -106,7 +112,7 @@ class FolderSource(Source):
     def __init__(self, root: str):
         _require_dir(root, 'image folder')
         self.root = root
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+        self.classes = class_folders(root)
         if not self.classes:
             raise DataError(f"'{root}' has no class folders (expected {root}/<class>/<image>.jpg)")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
