@@ -17,6 +17,7 @@ import yaml
 
 import config
 import main
+from concurrent_runs import collect
 from config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -596,16 +597,7 @@ def cli_results(tmp_path_factory):
         argv = argv if argv is not None else ['--cfg', str(bad)]
         procs[name] = subprocess.Popen([sys.executable, 'main.py', *argv], cwd=str(ROOT), env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    results = {}
-    try:
-        for name, proc in procs.items():
-            out, err = proc.communicate(timeout=120)
-            results[name] = (proc.returncode, out, err)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-    return results
+    return collect(procs, timeout=120)
 
 
 @pytest.mark.parametrize('name', list(CLI_CASES))

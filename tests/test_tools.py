@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from concurrent_runs import collect
 from config import get_config
 from data.device_prep import DevicePreprocessor
 from data.transforms import build_transform
@@ -101,16 +102,7 @@ def _start(script, args, cwd):
 
 
 def _finish(procs):
-    results = {}
-    try:
-        for name, proc in procs.items():
-            out, err = proc.communicate(timeout=300)
-            results[name] = (proc.returncode, out, err)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-    return results
+    return collect(procs, timeout=300)
 
 
 ERROR_CASES = {  # name -> (arguments, words the error line names)
