@@ -22,7 +22,7 @@ STEP_FILE = re.compile(r'^ckpt_step_(\d+)\.pth$')  # mid-epoch, numbered by opti
 BEST_FILE = 'best.pth'
 LATEST_FILE = 'latest'  # names the newest checkpoint; rewritten only after it is in place
 # derived buffers the model rebuilds itself; a file may carry them or not (see the model)
-DERIVED_SUFFIXES = ('relative_position_index', 'attn_mask')
+DERIVED_SUFFIXES = ('relative_position_index', 'attn_mask', 'relative_coords_table')
 
 
 class CheckpointError(ValueError):

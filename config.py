@@ -65,7 +65,7 @@ _C.DATA.PREPARE = ''
 # Model settings
 # -----------------------------------------------------------------------------
 _C.MODEL = CN()
-# Model type: swin
+# Model type: swin (V1, MODEL.SWIN) or swinv2 (V2, MODEL.SWINV2)
 _C.MODEL.TYPE = 'swin'
 # Model name (names the output folder)
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
@@ -256,7 +256,9 @@ _C.LOCAL_RANK = 0
 _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
 
-MODEL_TYPES = ('swin',)
+MODEL_TYPES = ('swin', 'swinv2')
+# the config section holding each model type's architecture
+ARCH_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2'}
 OPTIMIZERS = ('adamw', 'sgd')
 LR_SCHEDULERS = ('cosine', 'linear', 'step', 'multistep')
 CACHE_MODES = ('no', 'part', 'full')
@@ -532,15 +534,22 @@ def validate_config(config: CN) -> None:
     _check(config.PRINT_FREQ >= 1, f"PRINT_FREQ must be >= 1 (steps), got {config.PRINT_FREQ}")
     _check_choice(config.AMP_DTYPE, AMP_DTYPES, 'AMP_DTYPE')
     _check(0.0 <= config.TRAIN.EMA.DECAY < 1.0, f"TRAIN.EMA.DECAY must be in [0, 1), got {config.TRAIN.EMA.DECAY}")
-    stages = len(config.MODEL.SWIN.DEPTHS)
+    arch, section = model_arch(config)
+    stages = len(arch.DEPTHS)
     _check(0 <= config.TRAIN.FREEZE_STAGES <= stages,
            f"TRAIN.FREEZE_STAGES must be in [0, {stages}] (the model's stages), got {config.TRAIN.FREEZE_STAGES}")
     _check(not (config.TRAIN.LINEAR_PROBE and config.MODEL.NUM_CLASSES == 0),
            "TRAIN.LINEAR_PROBE trains the classifier only, but MODEL.NUM_CLASSES is 0 (no classifier)")
-    _validate_architecture(config.MODEL.SWIN, 'MODEL.SWIN')
-    _check(config.DATA.IMG_SIZE >= config.MODEL.SWIN.PATCH_SIZE,
-           f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is smaller than one patch (MODEL.SWIN.PATCH_SIZE "
-           f"{config.MODEL.SWIN.PATCH_SIZE}); nothing would be left to attend to")
+    _validate_architecture(arch, section)
+    _check(config.DATA.IMG_SIZE >= arch.PATCH_SIZE,
+           f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is smaller than one patch ({section}.PATCH_SIZE "
+           f"{arch.PATCH_SIZE}); nothing would be left to attend to")
+
+
+def model_arch(config: CN) -> tuple[CN, str]:
+    """The architecture section MODEL.TYPE reads (MODEL.SWIN or MODEL.SWINV2) and its name."""
+    name = ARCH_SECTIONS[str(config.MODEL.TYPE).lower()]
+    return config.MODEL[name], f'MODEL.{name}'
 
 
 def mixup_active(config: CN) -> bool:
@@ -589,6 +598,13 @@ def _validate_architecture(arch: CN, section: str) -> None:
         _check(h > 0 and dim % h == 0,
                f"{section}.NUM_HEADS[{i}]={h} must divide the stage width {dim} "
                f"({section}.EMBED_DIM * 2^{i})")
+    if 'PRETRAINED_WINDOW_SIZES' in arch:
+        pretrained = list(arch.PRETRAINED_WINDOW_SIZES)
+        _check(len(pretrained) == len(depths),
+               f"{section}.PRETRAINED_WINDOW_SIZES has {len(pretrained)} entries but {section}.DEPTHS has "
+               f"{len(depths)} stages; give one window size per stage (0: not pretrained at another window)")
+        _check(all(w >= 0 for w in pretrained),
+               f"{section}.PRETRAINED_WINDOW_SIZES must be >= 0 (0: none), got {pretrained}")
 
 
 def get_config(args: argparse.Namespace) -> CN:
@@ -606,6 +622,7 @@ def get_config(args: argparse.Namespace) -> CN:
         merge_opts(config, list(args.opts))
     merge_flags(config, args)
     config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', 0))
+    config.MODEL.TYPE = config.MODEL.TYPE.lower()
     config.TRAIN.OPTIMIZER.NAME = config.TRAIN.OPTIMIZER.NAME.lower()
     config.TRAIN.LR_SCHEDULER.NAME = config.TRAIN.LR_SCHEDULER.NAME.lower()
     config.TRAIN.LR_SCALING = config.TRAIN.LR_SCALING.lower()

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from config import model_arch
 from distributed import all_reduce_sum
 from metrics_log import MetricsLog
 
@@ -307,7 +308,7 @@ def throughput(model: nn.Module, config, device: torch.device, amp_dtype: Option
     model.eval()
     batch = config.DATA.BATCH_SIZE
     size = config.DATA.IMG_SIZE
-    images = torch.randn(batch, config.MODEL.SWIN.IN_CHANS, size, size, device=device)
+    images = torch.randn(batch, model_arch(config)[0].IN_CHANS, size, size, device=device)
     warmup, timed = (50, 30) if device.type == 'cuda' else (2, 5)
     with autocast_context(amp_dtype, device):
         for _ in range(warmup):

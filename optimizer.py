@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode
 
-from config import OPTIMIZERS, ConfigError
+from config import OPTIMIZERS, ConfigError, model_arch
 
 
 def _no_decay_rules(model: nn.Module) -> tuple[set[str], tuple[str, ...]]:
@@ -50,7 +50,7 @@ def _model_depths(config: CfgNode, model: nn.Module) -> list[int]:
     layers = getattr(model, 'layers', None)
     if layers is not None and all(hasattr(layer, 'blocks') for layer in layers):
         return [len(layer.blocks) for layer in layers]
-    return list(config.MODEL.SWIN.DEPTHS)
+    return list(model_arch(config)[0].DEPTHS)
 
 
 def _new_group(name: str, lr_scale: float, weight_decay: float, no_decay: bool) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 state dicts, this project's checkpoints and timm-format files, fitted to the model's window
 size, image size and class count.
 
-Every adaptation is logged (position tables resized, head mapped or re-initialized); any
-other difference is an error naming the keys and shapes, so nothing is dropped silently.
+Every adaptation is logged (position tables resized, Swin V2 coordinate tables rebuilt for
+another window, head mapped or re-initialized); any other difference is an error naming the
+keys and shapes, so nothing is dropped silently.
 """
 from __future__ import annotations
 
@@ -29,13 +30,14 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)     # 'key: old shape -> new shape'
     head: str = 'kept'                              # 'kept', 'mapped', 'reinitialized', 'dropped', 'none'
+    rebuilt: list[str] = field(default_factory=list)     # Swin V2 windows whose coordinate tables were rebuilt
 
     def lines(self) -> list[str]:
         parts = sorted({'.'.join(k.split('.')[:2]) if k.startswith('layers.') else k.split('.')[0]
                         for k in self.loaded})
         out = [f'pretrained: {len(self.loaded)} tensors loaded from {self.source_format}-format weights '
                f'({", ".join(parts)}); classifier {self.head}']
-        return out + [f'pretrained: resized {r}' for r in self.resized]
+        return out + [f'pretrained: resized {r}' for r in self.resized] + [f'pretrained: {r}' for r in self.rebuilt]
 
 
 def is_timm_layout(state: dict) -> bool:
@@ -48,7 +50,7 @@ def is_timm_layout(state: dict) -> bool:
 
 
 def from_timm(state: dict) -> dict:
-    """timm's Swin V1 keys -> the official ones (the tensors are the same)."""
+    """timm's Swin V1 and V2 keys -> the official ones (the tensors are the same)."""
     out = {}
     for key, value in state.items():
         match = _TIMM_DOWNSAMPLE.match(key)
@@ -98,6 +100,45 @@ def read_class_map(path: str, num_classes: int, source_classes: int) -> torch.Te
         raise ckpt.CheckpointError(f"MODEL.PRETRAINED_CLASS_MAP '{path}' holds index {bad[0]}, outside the "
                                    f"{source_classes} classes of the pretrained head")
     return torch.tensor(index, dtype=torch.long)
+
+
+def _file_window(state: dict, prefix: str) -> Optional[int]:
+    """The window a Swin V2 attention of the file was made for, from the derived buffers it
+    carries (official files do; timm's do not)."""
+    coords = state.get(prefix + 'relative_coords_table')
+    if coords is not None and coords.ndim == 4:
+        return (coords.shape[1] + 1) // 2
+    index = state.get(prefix + 'relative_position_index')
+    if index is not None and index.ndim == 2 and math.isqrt(index.shape[0]) ** 2 == index.shape[0]:
+        return math.isqrt(index.shape[0])
+    return None
+
+
+def rebuilt_coordinate_tables(model: torch.nn.Module, state: dict) -> list[str]:
+    """Swin V2 at another window than the file's: nothing to resize, since the bias MLP takes
+    offsets of any window; the model rebuilds its coordinate and index tables. One line saying
+    so, with the pretrained window sizes the offsets are scaled by (0 = by the new window)."""
+    changes: dict[tuple[int, int], list[int]] = {}
+    for name, buf in model.named_buffers():
+        if not name.endswith('relative_coords_table') or buf.ndim != 4:
+            continue
+        old, new = _file_window(state, name[:-len('relative_coords_table')]), (buf.shape[1] + 1) // 2
+        if old is not None and old != new:
+            stage = int(name.split('.')[1]) if name.startswith('layers.') else -1
+            stages = changes.setdefault((old, new), [])
+            if stage not in stages:
+                stages.append(stage)
+    if not changes:
+        return []
+    parts = [f'{old} -> {new}' + (f' (stage{"s" if len(st) > 1 else ""} {", ".join(map(str, st))})'
+                                  if len(changes) > 1 else '') for (old, new), st in changes.items()]
+    sizes = getattr(model, 'pretrained_window_sizes', None)
+    line = (f'window {", ".join(parts)}: coordinate tables rebuilt, bias MLP carried over '
+            f'(pretrained window sizes {sizes})')
+    if sizes is not None and not any(sizes):
+        line += ('; MODEL.SWINV2.PRETRAINED_WINDOW_SIZES is 0, so the MLP sees offsets scaled by the new '
+                 'window rather than the one it was trained at: set it to the file\'s window per stage')
+    return [line]
 
 
 def _patch_grid(model: torch.nn.Module) -> Optional[tuple[int, int]]:
@@ -206,6 +247,7 @@ def fit_weights(model: torch.nn.Module, state: dict, path: str, logger: logging.
     report = LoadReport('timm' if is_timm_layout(state) else 'official')
     if report.source_format == 'timm':
         state = from_timm(state)
+    report.rebuilt = rebuilt_coordinate_tables(model, state)
     state = {k: v for k, v in state.items() if not k.endswith(ckpt.DERIVED_SUFFIXES)}
 
     fitter = _Fitter(model, report)

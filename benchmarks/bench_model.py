@@ -1,4 +1,4 @@
-"""Model speed: our SwinTransformer against timm's same-size model, in one process.
+"""Model speed: our SwinTransformer (or SwinTransformerV2) against timm's same-size model, in one process.
 
 For each device, mode (eager fp32, eager with bf16 autocast, torch.compile in fp32 and
 bf16) and task (train step = forward + loss + backward + AdamW step; inference =
@@ -10,6 +10,7 @@ ratios. Writes every measurement to JSON.
     python benchmarks/bench_model.py                       # Swin-T, batch 8, CPU (+ CUDA if present)
     python benchmarks/bench_model.py --modes eager_fp32 --rounds 15
     python benchmarks/bench_model.py --device cuda --batch-size 128 --modes eager_bf16,compile_bf16
+    python benchmarks/bench_model.py --model v2            # SwinV2-T, 256 px, window 8, against timm's swinv2
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import timm  # noqa: E402
 from timm.models.swin_transformer import checkpoint_filter_fn  # noqa: E402
+from timm.models.swin_transformer_v2 import checkpoint_filter_fn as checkpoint_filter_fn_v2  # noqa: E402
 
 from engine import synchronize  # noqa: E402
 from models.swin_transformer import SwinTransformer  # noqa: E402
+from models.swin_transformer_v2 import SwinTransformerV2  # noqa: E402
 
 ARCHS = {  # official architecture and training drop-path rate per size
     'tiny': dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.2),
@@ -39,13 +42,22 @@ ARCHS = {  # official architecture and training drop-path rate per size
     'base': dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], drop_path_rate=0.5),
     'large': dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], drop_path_rate=0.2),
 }
+DEFAULT_SIZES = {'v1': (224, 7), 'v2': (256, 8)}  # (image size, window) of the official T/S/B configs
 MODES = ('eager_fp32', 'eager_bf16', 'compile_fp32', 'compile_bf16')
 TASKS = ('train', 'infer')
 
 
-def build_pair(arch: str, img_size: int, window: int, device: torch.device):
+def build_pair(arch: str, img_size: int, window: int, device: torch.device, model: str = 'v1'):
     """Our model and timm's with identical weights (converted by timm's own filter)."""
     kwargs = ARCHS[arch]
+    if model == 'v2':
+        ours = SwinTransformerV2(img_size=img_size, window_size=window, **kwargs)
+        # timm registers V2 sizes under a few names only; its constructor takes the architecture
+        theirs = timm.create_model('swinv2_tiny_window8_256', pretrained=False, img_size=img_size,
+                                   window_size=window, **{k: tuple(v) if isinstance(v, list) else v
+                                                          for k, v in kwargs.items()})
+        theirs.load_state_dict(checkpoint_filter_fn_v2(ours.state_dict(), theirs), strict=True)
+        return {'ours': ours.to(device), 'timm': theirs.to(device)}
     ours = SwinTransformer(img_size=img_size, window_size=window, **kwargs)
     name = f'swin_{arch}_patch4_window{window}_{img_size}'
     theirs = timm.create_model(name, pretrained=False, img_size=img_size, window_size=window,
@@ -101,7 +113,7 @@ def measure(args, device: torch.device, batch: int) -> list[dict]:
     results = []
     for task in args.tasks:
         for mode in args.modes:
-            models = build_pair(args.arch, args.img_size, args.window, device)
+            models = build_pair(args.arch, args.img_size, args.window, device, args.model)
             runners = {}
             for impl, model in models.items():
                 if device.type == 'cuda':
@@ -167,9 +179,10 @@ def goals(results: list[dict]) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', choices=sorted(DEFAULT_SIZES), default='v1', help='Swin V1 or V2')
     p.add_argument('--arch', choices=sorted(ARCHS), default='tiny')
-    p.add_argument('--img-size', type=int, default=224)
-    p.add_argument('--window', type=int, default=7)
+    p.add_argument('--img-size', type=int, default=None, help='default: 224 for v1, 256 for v2')
+    p.add_argument('--window', type=int, default=None, help='default: 7 for v1, 8 for v2')
     p.add_argument('--batch-size', type=int, default=8)
     p.add_argument('--cuda-batch-size', type=int, default=128)
     p.add_argument('--device', choices=['cpu', 'cuda', 'all'], default='all')
@@ -178,8 +191,14 @@ def main() -> None:
     p.add_argument('--rounds', type=int, default=9, help='alternating rounds; the median is reported')
     p.add_argument('--steps', type=int, default=2, help='steps per timed run')
     p.add_argument('--warmup', type=int, default=5, help='untimed steps first (compilation, memory growth)')
-    p.add_argument('--json', default='bench_results/bench_model.json')
+    p.add_argument('--json', default=None, help='default: bench_results/bench_model.json (v1), '
+                                                '.../bench_model_v2.json (v2)')
     args = p.parse_args()
+    default_size, default_window = DEFAULT_SIZES[args.model]
+    args.img_size = args.img_size or default_size
+    args.window = args.window or default_window
+    args.json = args.json or ('bench_results/bench_model.json' if args.model == 'v1'
+                              else 'bench_results/bench_model_v2.json')
     args.modes = [m for m in args.modes.split(',') if m]
     args.tasks = [t for t in args.tasks.split(',') if t]
     for m in args.modes:
@@ -195,7 +214,8 @@ def main() -> None:
     env = {'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
            'cpu_threads': torch.get_num_threads(),
            'cuda': torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-           'arch': args.arch, 'img_size': args.img_size, 'rounds': args.rounds, 'steps': args.steps}
+           'model': args.model, 'arch': args.arch, 'img_size': args.img_size, 'window': args.window,
+           'rounds': args.rounds, 'steps': args.steps}
     print(json.dumps(env))
     results = []
     for device, batch in devices:

@@ -257,7 +257,8 @@ class _CpuWindowAttentionFunction(torch.autograd.Function):
         B, d = BW // nw, C3 // (3 * nh)
         t = spares.take((3, B, nw * nh, N, d), qkv.dtype, qkv.device)
         t.view(3, B, nw, nh, N, d).copy_(qkv.view(B, nw, N, 3, nh, d).permute(3, 0, 1, 4, 2, 5))
-        t[0].mul_(scale)
+        if scale != 1.0:  # Swin V2 passes q already scaled
+            t[0].mul_(scale)
         with torch.autocast('cpu', enabled=False):
             out = _cpu_attention(t[0], t[1], t[2], attn_mask.detach(), 1.0, spares)
         ctx.save_for_backward(t, attn_mask)

@@ -14,7 +14,7 @@ Differences from the official classification code, none of which change the func
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -72,32 +72,27 @@ def shifted_window_mask(H: int, W: int, window_size: int, shift_size: int,
     return torch.zeros(differs.shape, device=device).masked_fill_(differs, MASK_VALUE)
 
 
-class WindowAttention(nn.Module):
-    """Multi-head self-attention inside windows with a learned relative position bias.
+class WindowAttentionBase(nn.Module):
+    """What the V1 and V2 window attentions share: the token-pair index into the offset
+    table, the join of position bias and shift mask (kept for reuse in inference), the
+    derived buffers a loaded file never overrides, and the official FLOP count.
 
-    `fused = True` computes softmax(QK^T * scale + B + M) V for all windows and heads in
-    one attention call (`layers.window_attention`: SDPA, with faster CPU kernels where
-    measured); `fused = False` is the plain reference path of the official code.
+    A subclass defines `relative_position_bias()` and `bias_sources()`, the tensors the
+    bias is computed from (a change to any of them rebuilds the joined mask).
     """
 
     fused: bool = True
+    # Buffers computed from the window size; files may carry them (official ones do), for
+    # this or another window, or not at all (timm's): the model always keeps its own.
+    derived_buffers: tuple[str, ...] = ('relative_position_index',)
 
-    def __init__(self, dim: int, window_size: tuple[int, int], num_heads: int, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.):
+    def __init__(self, dim: int, window_size: tuple[int, int], num_heads: int):
         super().__init__()
         self.dim = dim
         self.window_size = window_size
         self.num_heads = num_heads
-        self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * window_size[0] - 1) * (2 * window_size[1] - 1), num_heads))
         # Persistent, as in the official model, so state_dict keys match its checkpoints.
         self.register_buffer('relative_position_index', relative_position_index(window_size))
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        trunc_normal_(self.relative_position_bias_table, std=.02)
         self.spares = SpareBuffers(capacity=6)
         self._joined: Optional[tuple] = None  # (key, joined mask) for inference
 
@@ -105,33 +100,36 @@ class WindowAttention(nn.Module):
         self._joined = None
         return super()._apply(fn, *args, **kwargs)
 
-    def train(self, mode: bool = True) -> 'WindowAttention':
+    def train(self, mode: bool = True) -> 'WindowAttentionBase':
         release_spares_in_eval(self, mode)
         return super().train(mode)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The index is derived from the window size: accept files with or without it
-        # (official ones carry it, timm's do not) and always keep our own.
-        state_dict[prefix + 'relative_position_index'] = self.relative_position_index
+        for name in self.derived_buffers:
+            state_dict[prefix + name] = getattr(self, name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def bias_sources(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
     def relative_position_bias(self) -> torch.Tensor:
-        """(num_heads, N, N) bias gathered from the table."""
-        n = self.window_size[0] * self.window_size[1]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(n, n, -1).permute(2, 0, 1)
+        """(num_heads, N, N) additive bias of every token pair in a window."""
+        raise NotImplementedError
 
     def joined_mask(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """(1, num_windows * heads, N, N): the bias B plus the shift mask M of every window.
 
-        Where the bias can change (a training step follows), it is joined anew; otherwise the
-        result is kept and reused until the table or the shift mask changes.
+        Where the bias can change (a training step follows), it is joined anew, once per
+        forward of the block; otherwise the result is kept and reused until a bias source
+        or the shift mask changes.
         """
-        table = self.relative_position_bias_table
-        trainable = table.requires_grad and torch.is_grad_enabled()
+        sources = self.bias_sources()
+        trainable = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
         key = None
         if not trainable and not torch.compiler.is_compiling():
-            key = (table._version, table.data_ptr(), None if mask is None else (mask.data_ptr(), mask.shape))
+            # a mask made under inference_mode cannot be saved for a later backward: its own key
+            key = (tuple((t._version, t.data_ptr()) for t in sources),
+                   None if mask is None else (mask.data_ptr(), mask.shape), torch.is_inference_mode_enabled())
             if self._joined is not None and self._joined[0] == key:
                 return self._joined[1]
         joined = self.relative_position_bias().unsqueeze(0)
@@ -140,6 +138,41 @@ class WindowAttention(nn.Module):
         if key is not None:
             self._joined = (key, joined)
         return joined
+
+    def flops(self, N: int) -> int:
+        """Multiply-adds of one window of N tokens, counted as the official code does."""
+        hd = self.dim // self.num_heads
+        return N * self.dim * 3 * self.dim + 2 * self.num_heads * N * N * hd + N * self.dim * self.dim
+
+
+class WindowAttention(WindowAttentionBase):
+    """Multi-head self-attention inside windows with a learned relative position bias.
+
+    `fused = True` computes softmax(QK^T * scale + B + M) V for all windows and heads in
+    one attention call (`layers.window_attention`: SDPA, with faster CPU kernels where
+    measured); `fused = False` is the plain reference path of the official code.
+    """
+
+    def __init__(self, dim: int, window_size: tuple[int, int], num_heads: int, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.):
+        super().__init__(dim, window_size, num_heads)
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size[0] - 1) * (2 * window_size[1] - 1), num_heads))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=.02)
+
+    def bias_sources(self) -> tuple[torch.Tensor, ...]:
+        return (self.relative_position_bias_table,)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """(num_heads, N, N) bias gathered from the table."""
+        n = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (num_windows * B, N, C); mask: (num_windows, N, N) additive, or None."""
@@ -163,24 +196,21 @@ class WindowAttention(nn.Module):
         out = (attn @ v).transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(out))
 
-    def flops(self, N: int) -> int:
-        """Multiply-adds of one window of N tokens, counted as the official code does."""
-        hd = self.dim // self.num_heads
-        return N * self.dim * 3 * self.dim + 2 * self.num_heads * N * N * hd + N * self.dim * self.dim
-
 
 class SwinTransformerBlock(nn.Module):
     """(Shifted-)window attention and an MLP, each with pre-norm and a residual.
 
     `fused_window_process` is accepted for the official signature; the fused path here
-    needs no switch.
+    needs no switch. `attn_layer` builds the attention (Swin V2 passes its own) from
+    (dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop).
     """
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, window_size: int = 7,
                  shift_size: int = 0, mlp_ratio: float = 4., qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0.,
                  drop_path: float = 0., act_layer: type[nn.Module] = nn.GELU,
-                 norm_layer: type[nn.Module] = nn.LayerNorm, fused_window_process: bool = False):
+                 norm_layer: type[nn.Module] = nn.LayerNorm, fused_window_process: bool = False,
+                 attn_layer: Callable[..., nn.Module] = WindowAttention):
         super().__init__()
         self.dim = dim
         self.input_resolution = input_resolution
@@ -196,8 +226,8 @@ class SwinTransformerBlock(nn.Module):
         self.shift_size = shift_size
 
         self.norm1 = norm_layer(dim)
-        self.attn = WindowAttention(dim, to_2tuple(window_size), num_heads, qkv_bias=qkv_bias,
-                                    qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = attn_layer(dim, to_2tuple(window_size), num_heads, qkv_bias=qkv_bias,
+                               qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path_prob = drop_path
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
@@ -229,8 +259,10 @@ class SwinTransformerBlock(nn.Module):
         order, so one gather does the shift and the window partition together; `inverse`
         undoes both. Both are None when the order is already raster order (no shift and
         windows as wide as the map). `mask` is the shift mask, or None without a shift.
+        Tensors made under inference_mode cannot be saved for backward, so layouts made
+        there are kept apart from those that training uses.
         """
-        key = (Hp, Wp, shift, device)
+        key = (Hp, Wp, shift, device, torch.is_inference_mode_enabled())
         layout = self._layouts.get(key)
         if layout is None:
             ws = self.window_size
@@ -249,26 +281,33 @@ class SwinTransformerBlock(nn.Module):
             layout = self._layouts[key] = (index, inverse, mask)
         return layout
 
-    def forward(self, x: torch.Tensor, H: Optional[int] = None, W: Optional[int] = None) -> torch.Tensor:
-        """x: (B, H*W, C) -> (B, H*W, C). H, W default to the construction resolution."""
-        if H is None or W is None:
-            H, W = self.input_resolution
+    def attend_windows(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """(Shifted-)window attention over a (B, H*W, C) map, returned as (B, H*W, C).
+
+        A map that is not whole windows is zero-padded at the bottom and right (after the
+        norm in V1, as the official backbone does) and cropped back afterwards.
+        """
         B, L, C = x.shape
         ws = self.window_size
-        x_norm = self.norm1(x)
         pad_b, pad_r = -H % ws, -W % ws
-        if pad_b or pad_r:  # padded after the norm, as the official backbone does
-            x_norm = F.pad(x_norm.view(B, H, W, C), (0, 0, 0, pad_r, 0, pad_b)).view(B, -1, C)
+        if pad_b or pad_r:
+            x = F.pad(x.view(B, H, W, C), (0, 0, 0, pad_r, 0, pad_b)).view(B, -1, C)
         Hp, Wp = H + pad_b, W + pad_r
         # A map no larger than the window at this size gets one window and no shift.
         shift = self.shift_size if min(H, W) > ws else 0
         index, inverse, mask = self.window_layout(Hp, Wp, shift, x.device)
-        windows = x_norm if index is None else permute_tokens(x_norm, index, inverse)
+        windows = x if index is None else permute_tokens(x, index, inverse)
         windows = self.attn(windows.reshape(-1, ws * ws, C), mask).view(B, Hp * Wp, C)
         y = windows if index is None else permute_tokens(windows, inverse, index)
         if pad_b or pad_r:
             y = y.view(B, Hp, Wp, C)[:, :H, :W].reshape(B, L, C)
-        x = add_drop_path(x, y, self.drop_path_prob, self.training)
+        return y
+
+    def forward(self, x: torch.Tensor, H: Optional[int] = None, W: Optional[int] = None) -> torch.Tensor:
+        """x: (B, H*W, C) -> (B, H*W, C). H, W default to the construction resolution."""
+        if H is None or W is None:
+            H, W = self.input_resolution
+        x = add_drop_path(x, self.attend_windows(self.norm1(x), H, W), self.drop_path_prob, self.training)
         return add_drop_path(x, self.mlp(self.norm2(x)), self.drop_path_prob, self.training)
 
     def flops(self) -> float:
@@ -293,6 +332,13 @@ class PatchMerging(nn.Module):
         """(B, H*W, C) -> ((B, ceil(H/2)*ceil(W/2), 2C), H', W'); odd sizes are zero-padded."""
         if H is None or W is None:
             H, W = self.input_resolution
+        x, H, W = self.merge(x, H, W)
+        return self.reduction(self.norm(x)), H, W
+
+    @staticmethod
+    def merge(x: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, int, int]:
+        """(B, H*W, C) -> ((B, ceil(H/2)*ceil(W/2), 4C), H', W'): each 2x2 neighbourhood's
+        channels side by side, odd sizes zero-padded."""
         B, L, C = x.shape
         x = x.view(B, H, W, C)
         if H % 2 or W % 2:
@@ -300,7 +346,7 @@ class PatchMerging(nn.Module):
             H, W = H + H % 2, W + W % 2
         # Official channel order: (row 0, col 0), (row 1, col 0), (row 0, col 1), (row 1, col 1).
         x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, -1, 4 * C)
-        return self.reduction(self.norm(x)), H // 2, W // 2
+        return x, H // 2, W // 2
 
     def flops(self) -> int:
         H, W = self.input_resolution
@@ -308,21 +354,22 @@ class PatchMerging(nn.Module):
 
 
 class BasicLayer(nn.Module):
-    """One stage: `depth` blocks alternating plain and shifted windows, then downsampling."""
+    """One stage: `depth` blocks alternating plain and shifted windows, then downsampling.
+    `block_layer` builds each block from the keyword arguments of `SwinTransformerBlock`."""
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int,
                  window_size: int, mlp_ratio: float = 4., qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0.,
                  drop_path: float | list[float] = 0., norm_layer: type[nn.Module] = nn.LayerNorm,
                  downsample: Optional[type[nn.Module]] = None, use_checkpoint: bool = False,
-                 fused_window_process: bool = False):
+                 fused_window_process: bool = False, block_layer: Callable[..., nn.Module] = SwinTransformerBlock):
         super().__init__()
         self.dim = dim
         self.input_resolution = input_resolution
         self.depth = depth
         self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList([
-            SwinTransformerBlock(
+            block_layer(
                 dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_size,
                 shift_size=0 if i % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
@@ -414,8 +461,8 @@ class SwinTransformer(FreezableStages, nn.Module):
         self.layers = nn.ModuleList()
         res = self.patches_resolution
         for i in range(self.num_layers):
-            self.layers.append(BasicLayer(
-                dim=int(embed_dim * 2 ** i),
+            self.layers.append(self.make_stage(
+                i, dim=int(embed_dim * 2 ** i),
                 input_resolution=(res[0] // 2 ** i, res[1] // 2 ** i),
                 depth=depths[i], num_heads=num_heads[i], window_size=window_size, mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
@@ -426,6 +473,10 @@ class SwinTransformer(FreezableStages, nn.Module):
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+
+    def make_stage(self, index: int, **kwargs) -> nn.Module:
+        """Stage `index` from `BasicLayer`'s keyword arguments (Swin V2 builds its own)."""
+        return BasicLayer(**kwargs)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import checkpoint_filter_fn
 from torch.utils.flop_counter import FlopCounterMode
 
-from config import get_config
+from config import get_config, model_arch
 from models import build_model
 from models.swin_transformer import (SwinTransformer, SwinTransformerBlock, WindowAttention,
                                      window_partition, window_reverse)
@@ -351,13 +351,28 @@ def test_logits_match_timm_on_the_same_weights():
 @pytest.mark.parametrize('cfg', sorted(p for p in os.listdir(os.path.join(ROOT, 'configs')) if p.endswith('.yaml'))
                          + ['demo/' + p for p in sorted(os.listdir(os.path.join(ROOT, 'configs', 'demo')))])
 def test_every_config_builds_its_model(cfg, tmp_path):
-    config = get_config(argparse.Namespace(cfg=os.path.join(ROOT, 'configs', cfg), output=str(tmp_path)))
+    """Full size on the meta device (the section MODEL.TYPE names: MODEL.SWIN or MODEL.SWINV2),
+    then a forward at the config's image and window sizes with narrow, shallow stages."""
+    path = os.path.join(ROOT, 'configs', cfg)
+    config = get_config(argparse.Namespace(cfg=path, output=str(tmp_path)))
     with torch.device('meta'):
         model = build_model(config)
-    s = config.MODEL.SWIN
+    s, _ = model_arch(config)
     assert model.embed_dim == s.EMBED_DIM and len(model.layers) == len(s.DEPTHS)
     assert model.patch_embed.img_size == (config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
     assert model.layers[0].blocks[0].window_size == min(s.WINDOW_SIZE, config.DATA.IMG_SIZE // s.PATCH_SIZE)
+    if config.MODEL.TYPE == 'swinv2':
+        assert model.pretrained_window_sizes == list(s.PRETRAINED_WINDOW_SIZES)
+
+    section = 'MODEL.SWINV2' if config.MODEL.TYPE == 'swinv2' else 'MODEL.SWIN'
+    stages = len(s.DEPTHS)
+    small = get_config(argparse.Namespace(cfg=path, output=str(tmp_path), opts=[
+        f'{section}.EMBED_DIM', '16', f'{section}.NUM_HEADS', str([2 ** i for i in range(stages)]),
+        f'{section}.DEPTHS', str([min(d, 2) for d in s.DEPTHS]), 'MODEL.NUM_CLASSES', '5']))
+    model = build_model(small).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE))
+    assert out.shape == (1, 5) and out.isfinite().all()
 
 
 def test_joined_mask_is_reused_in_inference_and_rebuilt_when_weights_change():
@@ -373,3 +388,20 @@ def test_joined_mask_is_reused_in_inference_and_rebuilt_when_weights_change():
         changed = attn.joined_mask(mask)
     assert changed is not again and torch.allclose(changed, again + 1.0)
     assert attn.joined_mask(mask).requires_grad  # with gradients on, always joined anew
+
+
+@pytest.mark.parametrize('v2', [False, True])
+def test_training_after_inference_mode_with_a_frozen_stage(v2):
+    """Validation runs under inference_mode; layouts and joined masks it caches are inference
+    tensors, which a later training step (a frozen stage reuses cached masks) must not save."""
+    from models.swin_transformer_v2 import SwinTransformerV2
+    cls = SwinTransformerV2 if v2 else SwinTransformer
+    model = cls(img_size=64, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2], num_classes=3)
+    model.freeze(stages=1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).sum().backward()
+    with torch.inference_mode():
+        model.eval()(x)
+    assert model.head.weight.grad is not None
