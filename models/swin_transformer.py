@@ -139,6 +139,19 @@ class WindowAttentionBase(nn.Module):
             self._joined = (key, joined)
         return joined
 
+    def plain_output(self, logits: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The reference path after the q-k logits (B*nW, heads, N, N): add the bias and the
+        shift mask, softmax, attention dropout, the values, the output projection."""
+        B_, heads, N, _ = logits.shape
+        attn = logits + self.relative_position_bias().unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = attn.view(B_ // nw, nw, heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, heads, N, N)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(B_, N, -1)
+        return self.proj_drop(self.proj(out))
+
     def flops(self, N: int) -> int:
         """Multiply-adds of one window of N tokens, counted as the official code does."""
         hd = self.dim // self.num_heads
@@ -186,15 +199,7 @@ class WindowAttention(WindowAttentionBase):
     def _forward_plain(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         B_, N, C = x.shape
         q, k, v = self.qkv(x).view(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        attn = attn + self.relative_position_bias().unsqueeze(0)
-        if mask is not None:
-            nw = mask.shape[0]
-            attn = attn.view(B_ // nw, nw, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        out = (attn @ v).transpose(1, 2).reshape(B_, N, C)
-        return self.proj_drop(self.proj(out))
+        return self.plain_output((q * self.scale) @ k.transpose(-2, -1), v, mask)
 
 
 class SwinTransformerBlock(nn.Module):

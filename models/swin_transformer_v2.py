@@ -156,16 +156,8 @@ class WindowAttention(v1.WindowAttentionBase):
         B_, N, C = x.shape
         qkv = self.qkv_projection(x).view(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        attn = attn * self.logit_scale_value()
-        attn = attn + self.relative_position_bias().unsqueeze(0)
-        if mask is not None:
-            nw = mask.shape[0]
-            attn = attn.view(B_ // nw, nw, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        out = (attn @ v).transpose(1, 2).reshape(B_, N, C)
-        return self.proj_drop(self.proj(out))
+        cosine = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        return self.plain_output(cosine * self.logit_scale_value(), v, mask)
 
 
 class SwinTransformerBlock(v1.SwinTransformerBlock):
