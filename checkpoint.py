@@ -7,6 +7,7 @@ A checkpoint is a plain dict (`model` in the official key format, `optimizer`,
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import random
@@ -194,7 +195,9 @@ def read_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        # timm's train.py stores its argparse.Namespace beside the weights: plain values, allowed
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises several types for torn or foreign files
         if 'Weights only load failed' in str(e):
             raise CheckpointError(f"checkpoint '{path}' holds pickled Python objects, which safe "

@@ -600,7 +600,8 @@ def _validate_architecture(arch: CN, section: str) -> None:
                f"({section}.EMBED_DIM * 2^{i})")
     if 'PRETRAINED_WINDOW_SIZES' in arch:
         pretrained = list(arch.PRETRAINED_WINDOW_SIZES)
-        _check(len(pretrained) == len(depths),
+        # longer lists are cut to the stages, as the official model does (the default has 4)
+        _check(len(pretrained) >= len(depths),
                f"{section}.PRETRAINED_WINDOW_SIZES has {len(pretrained)} entries but {section}.DEPTHS has "
                f"{len(depths)} stages; give one window size per stage (0: not pretrained at another window)")
         _check(all(w >= 0 for w in pretrained),

@@ -193,7 +193,13 @@ def _fit_head(model: torch.nn.Module, state: dict, out: dict, class_map: str, al
         return
     want_w = own['head.weight']
     num_classes = want_w.shape[0]
-    if len(file_head) < 2:
+    if len(file_head) == 1:
+        raise ckpt.CheckpointError(f'the pretrained file has {file_head[0]} but not '
+                                   f'{({*HEAD_KEYS} - {file_head[0]}).pop()}: an incomplete classifier')
+    if not file_head:
+        if class_map:
+            raise ckpt.CheckpointError(f'MODEL.PRETRAINED_CLASS_MAP is set but the pretrained file has no '
+                                       f'classifier to select classes from; set it to \'\'')
         file_rows = None
     else:
         w, b = state['head.weight'], state['head.bias']

@@ -90,6 +90,7 @@ def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, p
     point = _resume_point(run)
     run.max_accuracy, run.max_ema_accuracy = point.max_accuracy, point.max_ema_accuracy
     run.ema = _build_ema(config, model, point, logger)
+    point.ema = None  # loaded: no second copy of the weights held for the whole run
     start_update = point.epoch * n_updates + point.step // accum
     run.scheduler.step_update(start_update)
     if ctx.is_main:  # checkpoints after the start belong to a timeline this run abandons

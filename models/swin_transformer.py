@@ -101,6 +101,9 @@ class WindowAttentionBase(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True) -> 'WindowAttentionBase':
+        # Fused optimizer kernels change weights without bumping their version counter, so
+        # a mode switch (each epoch's train(), then validation's eval()) also starts anew.
+        self._joined = None
         release_spares_in_eval(self, mode)
         return super().train(mode)
 
@@ -121,12 +124,13 @@ class WindowAttentionBase(nn.Module):
 
         Where the bias can change (a training step follows), it is joined anew, once per
         forward of the block; otherwise the result is kept and reused until a bias source
-        or the shift mask changes.
+        or the shift mask changes, or the module switches between train and eval mode.
         """
         sources = self.bias_sources()
         trainable = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
         key = None
-        if not trainable and not torch.compiler.is_compiling():
+        # inference tensors (weights made under inference_mode) have no version counter
+        if not trainable and not torch.compiler.is_compiling() and not any(t.is_inference() for t in sources):
             # a mask made under inference_mode cannot be saved for a later backward: its own key
             key = (tuple((t._version, t.data_ptr()) for t in sources),
                    None if mask is None else (mask.data_ptr(), mask.shape), torch.is_inference_mode_enabled())

@@ -1,6 +1,7 @@
 """--pretrained: official, bare, our own and timm-format files, fitted to another window,
 image size and class count, with the 22k-to-1k style class map; everything else an error."""
 import argparse
+import datetime
 import logging
 
 import pytest
@@ -52,9 +53,18 @@ def test_every_container_format_loads_and_gives_equal_logits(tmp_path, log, wrap
 
 
 def test_files_are_read_with_weights_only(tmp_path, log):
-    path = _save(tmp_path, {'model': _model().state_dict(), 'args': argparse.Namespace(lr=1.0)})
+    path = _save(tmp_path, {'model': _model().state_dict(), 'saved_at': datetime.datetime(2026, 1, 1)})
     with pytest.raises(ckpt.CheckpointError, match='cannot be read|weights_only|unsupported'):
         load_pretrained(_model(), path, log)
+
+
+def test_timm_train_checkpoint_with_its_arguments_loads(tmp_path, log):
+    """timm's train.py saves an argparse.Namespace beside `state_dict`: plain values, allowed."""
+    source = _model()
+    path = _save(tmp_path, {'state_dict': source.state_dict(), 'args': argparse.Namespace(lr=1.0, model='swin')})
+    target = _model()
+    load_pretrained(target, path, log)
+    torch.testing.assert_close(_logits(target), _logits(source), rtol=0, atol=0)
 
 
 def test_window_and_image_size_change_resizes_tables_and_keeps_the_zero_offset(tmp_path, log, caplog):
@@ -117,6 +127,21 @@ def test_bad_class_maps_are_one_line(tmp_path, log, lines, words):
     path = _save(tmp_path, {'model': _model(num_classes=9).state_dict()})
     with pytest.raises(ckpt.CheckpointError, match=words):
         load_pretrained(_model(num_classes=4), path, log, str(class_map))
+
+
+def test_class_map_for_a_file_without_classifier_is_an_error(tmp_path, log):
+    class_map = tmp_path / 'map.txt'
+    class_map.write_text('0\n1\n2\n')
+    path = _save(tmp_path, {'model': _model(num_classes=0).state_dict()})
+    with pytest.raises(ckpt.CheckpointError, match='no classifier to select classes from'):
+        load_pretrained(_model(num_classes=3), path, log, str(class_map))
+
+
+def test_half_a_classifier_is_an_error(tmp_path, log):
+    state = _model().state_dict()
+    del state['head.bias']
+    with pytest.raises(ckpt.CheckpointError, match='has head.weight but not head.bias'):
+        load_pretrained(_model(), _save(tmp_path, {'model': state}), log)
 
 
 def test_evaluation_refuses_an_untrained_head(tmp_path, log):

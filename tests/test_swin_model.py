@@ -405,3 +405,43 @@ def test_training_after_inference_mode_with_a_frozen_stage(v2):
     with torch.inference_mode():
         model.eval()(x)
     assert model.head.weight.grad is not None
+
+
+@pytest.mark.parametrize('v2', [False, True])
+@pytest.mark.parametrize('optimizer', ['adamw', 'sgd'])
+def test_validation_after_fused_optimizer_steps_sees_the_new_bias(v2, optimizer):
+    """Fused optimizer kernels change weights without bumping their version counter, so the
+    joined-mask cache must not outlive a train/eval switch: after steps, validation logits
+    equal a fresh copy's (whose cache is empty)."""
+    import copy
+
+    from config import default_config, set_key
+    from models.swin_transformer_v2 import SwinTransformerV2
+    from optimizer import build_optimizer
+    cls = SwinTransformerV2 if v2 else SwinTransformer
+    model = cls(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                num_classes=3, drop_path_rate=0.0)
+    config = default_config()
+    set_key(config, 'TRAIN.OPTIMIZER.NAME', optimizer)
+    set_key(config, 'TRAIN.BASE_LR', 0.5)
+    opt = build_optimizer(config, model)
+    assert opt.defaults.get('fused')
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(2):  # validate, then train a step, as the epochs do
+        with torch.inference_mode():
+            model.eval()(x)
+        model.train()(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.inference_mode():
+        seen = model.eval()(x)
+        fresh = copy.deepcopy(model).eval()(x)
+    torch.testing.assert_close(seen, fresh, rtol=0, atol=0)
+
+
+def test_weights_made_under_inference_mode_run():
+    """Inference tensors have no version counter: such a model runs without the cache."""
+    with torch.inference_mode():
+        model = SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=[2, 2],
+                                num_heads=[2, 4], num_classes=3).eval()
+        assert model(torch.randn(1, 3, 32, 32)).isfinite().all()
