@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from config import get_config, model_arch
 from models import build_model
-from models.swin_transformer import (SwinTransformer, SwinTransformerBlock, WindowAttention,
+from models.swin_transformer import (SwinTransformer, SwinTransformerBlock, WindowAttention, WindowAttentionBase,
                                      window_partition, window_reverse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,12 +24,13 @@ MICRO = dict(img_size=112, embed_dim=24, depths=[2, 2, 2, 2], num_heads=[1, 2, 3
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def set_fused(model: torch.nn.Module, fused: bool) -> None:
+    """The SDPA path (True) or the plain reference path (False) in every V1 or V2 attention."""
     for m in model.modules():
-        if isinstance(m, WindowAttention):
+        if isinstance(m, WindowAttentionBase):
             m.fused = fused
 
 

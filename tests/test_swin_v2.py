@@ -21,6 +21,7 @@ from models.swin_transformer_v2 import (LOGIT_SCALE_MAX, SwinTransformerBlock, S
                                         log_spaced_coords, scaled_unit)
 from optimizer import build_param_groups
 from pretrained import load_pretrained
+from test_swin_model import rel_err, set_fused
 from test_train import _metrics, data_root  # noqa: F401 (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,16 +39,6 @@ V2_CONFIGS = ['swinv2_tiny_patch4_window8_256.yaml', 'swinv2_tiny_patch4_window1
               'swinv2_base_patch4_window12to24_192to384_22kto1k_ft.yaml',
               'swinv2_large_patch4_window12to16_192to256_22kto1k_ft.yaml',
               'swinv2_large_patch4_window12to24_192to384_22kto1k_ft.yaml']
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def set_fused(model: torch.nn.Module, fused: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, WindowAttention):
-            m.fused = fused
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
