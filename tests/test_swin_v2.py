@@ -22,7 +22,7 @@ from models.swin_transformer_v2 import (LOGIT_SCALE_MAX, SwinTransformerBlock, S
 from optimizer import build_param_groups
 from pretrained import load_pretrained
 from test_swin_model import rel_err, set_fused
-from test_train import _metrics, data_root  # noqa: F401 (fixture)
+from test_train import _metrics, cfg_file, data_root  # noqa: F401 (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24])
@@ -497,47 +497,21 @@ def test_window_change_without_pretrained_window_sizes_says_how_to_keep_the_scal
 
 # --------------------------------------------------------------------------- training through main.py
 
-TINY_V2 = """
-DATA:
-  IMG_SIZE: 32
-  BATCH_SIZE: 8
-  NUM_WORKERS: 0
-  DATA_PATH: {data}
-MODEL:
-  TYPE: swinv2
-  NAME: tinyv2
-  DROP_PATH_RATE: 0.1
-  SWINV2:
-    EMBED_DIM: 16
-    DEPTHS: [2, 2]
-    NUM_HEADS: [2, 4]
-    WINDOW_SIZE: 4
-    PRETRAINED_WINDOW_SIZES: [2, 2]
-TRAIN:
-  EPOCHS: 1
-  WARMUP_EPOCHS: 1
-  BASE_LR: 0.05
-AUG:
-  AUTO_AUGMENT: none
-  MIXUP: 0.0
-  CUTMIX: 0.0
-  REPROB: 0.0
-AMP_ENABLE: False
-PRINT_FREQ: 2
-"""
+# the training tests' tiny config, as Swin V2
+TINY_V2_OPTS = ['MODEL.TYPE', 'swinv2', 'MODEL.NAME', 'tinyv2', 'MODEL.DROP_PATH_RATE', '0.1', 'TRAIN.EPOCHS', '1',
+                'MODEL.SWINV2.EMBED_DIM', '16', 'MODEL.SWINV2.DEPTHS', '[2, 2]', 'MODEL.SWINV2.NUM_HEADS', '[2, 4]',
+                'MODEL.SWINV2.WINDOW_SIZE', '4', 'MODEL.SWINV2.PRETRAINED_WINDOW_SIZES', '[2, 2]']
 
 
-def test_finetune_through_main_with_frozen_stage_and_layer_decay(data_root, tmp_path):  # noqa: F811
+def test_finetune_through_main_with_frozen_stage_and_layer_decay(cfg_file, tmp_path):  # noqa: F811
     """A window-2 file into the window-4 model (pretrained windows [2, 2]), stage 0 frozen,
     layer decay 0.9 by block (ids 0..5; the frozen ids 0-2 have no trainable group)."""
-    cfg = tmp_path / 'tinyv2.yaml'
-    cfg.write_text(TINY_V2.format(data=data_root))
     source = randomize(SwinTransformerV2(img_size=32, window_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                                          num_classes=3))
     path = tmp_path / 'w2.pth'
     torch.save({'model': source.state_dict()}, path)
-    assert main.main(['--cfg', str(cfg), '--output', str(tmp_path / 'out'), '--pretrained', str(path),
-                      '--opts', 'TRAIN.FREEZE_STAGES', '1', 'TRAIN.LAYER_DECAY', '0.9']) == 0
+    assert main.main(['--cfg', cfg_file, '--output', str(tmp_path / 'out'), '--pretrained', str(path),
+                      '--opts', *TINY_V2_OPTS, 'TRAIN.FREEZE_STAGES', '1', 'TRAIN.LAYER_DECAY', '0.9']) == 0
     run_dir = tmp_path / 'out' / 'tinyv2' / 'default'
     log = (run_dir / 'log_rank0.txt').read_text()
     assert 'window 2 -> 4: coordinate tables rebuilt, bias MLP carried over (pretrained window sizes [2, 2])' in log
