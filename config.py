@@ -133,6 +133,9 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 # Activation checkpointing to save memory
 _C.TRAIN.USE_CHECKPOINT = False
+# [New] torch.compile the model for training (the DDP-wrapped module), validation, --eval and
+# --throughput; checkpoints keep the plain module's keys
+_C.TRAIN.COMPILE = False
 # [New] Updates with a non-finite loss or gradient norm are skipped and counted; after this
 # many in a row the run saves a checkpoint and stops (exit code 3)
 _C.TRAIN.MAX_CONSECUTIVE_SKIPS = 25
@@ -437,6 +440,7 @@ _VALUE_FLAGS = {
 _SWITCH_FLAGS = {
     'zip': ('DATA.ZIP_MODE', True),
     'use_checkpoint': ('TRAIN.USE_CHECKPOINT', True),
+    'compile': ('TRAIN.COMPILE', True),
     'disable_amp': ('AMP_ENABLE', False),
     'eval': ('EVAL_MODE', True),
     'throughput': ('THROUGHPUT_MODE', True),

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from config import model_arch
+from data.prefetch import DevicePrefetcher
 from distributed import all_reduce_sum
 from metrics_log import MetricsLog
 
@@ -86,6 +87,19 @@ class TrainParts:
     metrics: MetricsLog
     guard: 'NonFiniteGuard'
     ema: Any = None             # timm ModelEmaV3, updated after every optimizer update
+    compiled: Optional[nn.Module] = None  # torch.compile(model) with TRAIN.COMPILE: runs the forward
+    compile_logged: bool = False  # the first compiled steps' time is logged once per run
+
+
+def compile_model(model: nn.Module, config, logger: logging.Logger, what: str) -> Optional[nn.Module]:
+    """`torch.compile(model)` with TRAIN.COMPILE (None without): a handle that shares the
+    module's weights, so checkpoints keep being written from the plain module (a compiled
+    module's state_dict keys start with `_orig_mod.`). Batch-size changes (the validation's
+    last batch) cost one recompilation to a dynamic batch dimension, not one per step."""
+    if not config.TRAIN.COMPILE:
+        return None
+    logger.info(f'torch.compile: {what} (compiled on the first step)')
+    return torch.compile(model)
 
 
 def updates_per_epoch(num_batches: int, accumulation_steps: int) -> int:
@@ -176,19 +190,20 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, start: Optional[Epoch
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     clip = cfg.TRAIN.CLIP_GRAD or None
 
-    model.train()
+    net = parts.compiled if parts.compiled is not None else model
+    net.train()  # through a compiled handle too: its guards read the modules' flags
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.full((), start.loss_sum, device=device, dtype=torch.float64)
     grad_norm = torch.zeros((), device=device)
-    logged_loss, logged_step, data_wait = start.loss_sum, start.step, 0.0
+    logged_loss, logged_step = start.loss_sum, start.step
     epoch_start = interval_start = time.perf_counter()
-    batches = iter(loader)
+    prefetcher = DevicePrefetcher(loader, parts.prep)  # batch n+1 is read and copied during step n
+    batches = iter(prefetcher)
+    timing_compile = parts.compiled is not None and not parts.compile_logged
+    first_step_s = 0.0
     stop, message, check_due = None, None, False
     for step in range(start.step, n_steps):
-        tic = time.perf_counter()
         images, targets = next(batches)
-        data_wait += time.perf_counter() - tic
-        images, targets = parts.prep(images, targets)
         if parts.mixup_fn is not None:
             images, targets = parts.mixup_fn(images, targets)
 
@@ -196,7 +211,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, start: Optional[Epoch
         sync = contextlib.nullcontext() if (updating or not ddp) else model.no_sync()
         with sync:
             with autocast_context(parts.amp_dtype, device):
-                outputs = model(images)
+                outputs = net(images)
             loss = parts.criterion(outputs.float(), targets)
             scaled = loss / accum  # the update equals one batch of accum x batch images
             if parts.scaler is not None:
@@ -216,6 +231,8 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, start: Optional[Epoch
                 parts.ema.update(model.module if ddp else model, step=update + 1)
             optimizer.zero_grad(set_to_none=True)
             parts.scheduler.step_update(update + 1)
+        if timing_compile and step == start.step:  # host time: compilation dominates it
+            first_step_s = time.perf_counter() - epoch_start
 
         if printing:
             synchronize(device)
@@ -227,17 +244,22 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, start: Optional[Epoch
             lr = parts.scheduler.lr_at(update)
             scale = parts.scaler.get_scale() if parts.scaler is not None else None
             norm = grad_norm.item()
+            if timing_compile:
+                timing_compile, parts.compile_logged = False, True
+                rest = (now - epoch_start - first_step_s) / (steps - 1) if steps > 1 else None
+                parts.logger.info(f'torch.compile: first step took {first_step_s:.1f} s (compilation)'
+                                  + (f', the next {steps - 1} took {rest:.4f} s each' if rest is not None else ''))
             eta = datetime.timedelta(seconds=int(step_time * (n_steps - step - 1)))
             parts.logger.info(
                 f'Train: [{epoch}/{cfg.TRAIN.EPOCHS}][{step + 1}/{n_steps}]  eta {eta}  lr {lr:.6g}  '
-                f'wd {cfg.TRAIN.WEIGHT_DECAY:.4f}  time {step_time:.4f}  data {data_wait / steps:.4f}  '
+                f'wd {cfg.TRAIN.WEIGHT_DECAY:.4f}  time {step_time:.4f}  data {prefetcher.wait_s / steps:.4f}  '
                 f'img/s {images.shape[0] * parts.world_size / step_time:.1f}  '
                 f'loss {(total - logged_loss) / steps:.4f} ({total / (step + 1):.4f})  '
                 f'grad_norm {norm:.4f}' + (f'  loss_scale {scale:.0f}' if scale is not None else '')
                 + f'  mem {peak_memory_mb(device):.0f}MB')
             parts.metrics.scalars(update, {'train/loss': (total - logged_loss) / steps, 'train/lr': lr,
                                            'train/grad_norm': norm})
-            logged_loss, logged_step, data_wait, interval_start = total, step + 1, 0.0, now
+            logged_loss, logged_step, interval_start, prefetcher.wait_s = total, step + 1, now, 0.0
             check_due = True  # at the next update boundary, where a checkpoint could be taken
 
         if updating and check_due:
@@ -278,8 +300,7 @@ def validate(config, model: nn.Module, loader, prep, device: torch.device, amp_d
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
     start = time.perf_counter()
-    for step, (images, targets) in enumerate(loader):
-        images, targets = prep(images, targets)
+    for step, (images, targets) in enumerate(DevicePrefetcher(loader, prep)):
         with autocast_context(amp_dtype, device):
             outputs = model(images)
         outputs = outputs.float()

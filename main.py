@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--resume', help='checkpoint to resume from')
     p.add_argument('--accumulation-steps', type=int, help='gradient accumulation steps')
     p.add_argument('--use-checkpoint', action='store_true', help='activation checkpointing to save memory')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model (sets TRAIN.COMPILE True)')
     p.add_argument('--disable_amp', action='store_true', help='train and evaluate in fp32')
     p.add_argument('--amp-opt-level', type=str, choices=['O0', 'O1', 'O2'],
                    help='deprecated apex flag; O0 disables AMP, the others change nothing')

@@ -135,7 +135,8 @@ def _run(config, ctx: DistContext) -> int:
         model = _build_model(config, ctx, logger)
         if ctx.is_main:
             _write_config(config)
-        engine.throughput(model, config, ctx.device, amp_dtype, logger)
+        compiled = engine.compile_model(model, config, logger, 'inference forward')
+        engine.throughput(model if compiled is None else compiled, config, ctx.device, amp_dtype, logger)
         return 0
 
     _prepare_builtin_data(config, ctx, logger)
@@ -185,7 +186,9 @@ def _evaluate_only(config, ctx: DistContext, model, loader_val, prep_val, amp_dt
             'train_loss': None, 'lr': None}
     for name, weights in scored:
         logger.info(f'evaluating the {name} weights of {path}')
-        result = engine.validate(config, weights, loader_val, prep_val, ctx.device, amp_dtype, logger)
+        compiled = engine.compile_model(weights, config, logger, f'{name} forward')
+        scorer = weights if compiled is None else compiled
+        result = engine.validate(config, scorer, loader_val, prep_val, ctx.device, amp_dtype, logger)
         logger.info(f'Accuracy of the {name} on the {result["n_images"]} test images: '
                     f'top-1 {result["acc1"]:.2f}%  top-5 {result["acc5"]:.2f}%')
         prefix = '' if name == 'model' else 'ema_'

@@ -48,7 +48,7 @@ class Run:
     """What the loop and the checkpoint writer share."""
     config: Any
     ctx: DistContext
-    model: nn.Module               # without DDP
+    model: nn.Module               # without DDP, never compiled: checkpoints are written from it
     optimizer: Any
     scheduler: Any
     scaler: Any
@@ -58,6 +58,7 @@ class Run:
     max_accuracy: Optional[float] = None
     ema: Any = None                # timm ModelEmaV3 when TRAIN.EMA.ENABLE
     max_ema_accuracy: Optional[float] = None
+    eval_model: Optional[nn.Module] = None  # torch.compile(model) for validation with TRAIN.COMPILE
 
     @property
     def effective_batch(self) -> int:
@@ -101,12 +102,18 @@ def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, p
         return 0
 
     ddp_model = wrap_ddp(model, ctx.device) if ctx.distributed else model
+    # the DDP-wrapped module is compiled (as PyTorch recommends): the DDP optimizer then
+    # splits the graph at the all-reduce buckets, so communication overlaps backward
+    compiled = engine.compile_model(ddp_model, config, logger, 'training forward'
+                                    + (' (DDP-wrapped)' if ctx.distributed else ''))
+    run.eval_model = engine.compile_model(model, config, logger, 'validation forward')
     run.metrics = MetricsLog(config.OUTPUT, ctx.is_main)
     parts = engine.TrainParts(config, ddp_model, optimizer, run.scheduler, run.scaler,
                               engine.build_criterion(config, mixup_fn is not None), mixup_fn,
                               DevicePreprocessor(config, ctx.device, is_train=True), ctx.device, amp_dtype,
                               ctx.world_size, logger, run.metrics,
-                              engine.NonFiniteGuard(ctx.device, config.TRAIN.MAX_CONSECUTIVE_SKIPS), run.ema)
+                              engine.NonFiniteGuard(ctx.device, config.TRAIN.MAX_CONSECUTIVE_SKIPS), run.ema,
+                              compiled)
     dropped = run.metrics.drop_epochs_from(point.epoch)
     if dropped:
         logger.info(f'metrics.jsonl: removed {dropped} line(s) of epochs >= {point.epoch}, which this run repeats')
@@ -148,7 +155,8 @@ def _epochs(run: Run, parts, loader_train, loader_val, prep_val, amp_dtype, poin
             _save_mid_epoch(run, epoch, stats['steps_done'], stats['updates'], stats['loss_sum'])
             raise engine.DivergedError(stats['message'])
 
-        val = engine.validate(config, run.model, loader_val, prep_val, ctx.device, amp_dtype, logger)
+        scorer = run.model if run.eval_model is None else run.eval_model
+        val = engine.validate(config, scorer, loader_val, prep_val, ctx.device, amp_dtype, logger)
         improved = run.max_accuracy is None or val['acc1'] > run.max_accuracy
         run.max_accuracy = val['acc1'] if improved else run.max_accuracy
         logger.info(f'Accuracy of the network on the {val["n_images"]} test images: {val["acc1"]:.2f}%  '

@@ -269,10 +269,12 @@ class SwinTransformerBlock(nn.Module):
         undoes both. Both are None when the order is already raster order (no shift and
         windows as wide as the map). `mask` is the shift mask, or None without a shift.
         Tensors made under inference_mode cannot be saved for backward, so layouts made
-        there are kept apart from those that training uses.
+        there are kept apart from those that training uses. Under torch.compile nothing is
+        cached (the layout is traced into the graph; reading the inference mode would break it).
         """
-        key = (Hp, Wp, shift, device, torch.is_inference_mode_enabled())
-        layout = self._layouts.get(key)
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling else (Hp, Wp, shift, device, torch.is_inference_mode_enabled())
+        layout = None if compiling else self._layouts.get(key)
         if layout is None:
             ws = self.window_size
             index = inverse = mask = None
@@ -287,7 +289,9 @@ class SwinTransformerBlock(nn.Module):
                 own = self.attn_mask
                 reuse = own is not None and (Hp, Wp) == self._mask_size and own.device == device
                 mask = own if reuse else shifted_window_mask(Hp, Wp, ws, shift, device)
-            layout = self._layouts[key] = (index, inverse, mask)
+            layout = (index, inverse, mask)
+            if key is not None:
+                self._layouts[key] = layout
         return layout
 
     def attend_windows(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
