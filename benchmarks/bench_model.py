@@ -47,22 +47,27 @@ MODES = ('eager_fp32', 'eager_bf16', 'compile_fp32', 'compile_bf16')
 TASKS = ('train', 'infer')
 
 
-def build_pair(arch: str, img_size: int, window: int, device: torch.device, model: str = 'v1'):
-    """Our model and timm's with identical weights (converted by timm's own filter)."""
+def timm_twin(ours: torch.nn.Module, arch: str, img_size: int, window: int, model: str = 'v1') -> torch.nn.Module:
+    """timm's same-size model holding `ours`' weights (converted by timm's own filter)."""
     kwargs = ARCHS[arch]
     if model == 'v2':
-        ours = SwinTransformerV2(img_size=img_size, window_size=window, **kwargs)
         # timm registers V2 sizes under a few names only; its constructor takes the architecture
         theirs = timm.create_model('swinv2_tiny_window8_256', pretrained=False, img_size=img_size,
                                    window_size=window, **{k: tuple(v) if isinstance(v, list) else v
                                                           for k, v in kwargs.items()})
         theirs.load_state_dict(checkpoint_filter_fn_v2(ours.state_dict(), theirs), strict=True)
-        return {'ours': ours.to(device), 'timm': theirs.to(device)}
-    ours = SwinTransformer(img_size=img_size, window_size=window, **kwargs)
-    name = f'swin_{arch}_patch4_window{window}_{img_size}'
-    theirs = timm.create_model(name, pretrained=False, img_size=img_size, window_size=window,
-                               drop_path_rate=kwargs['drop_path_rate'])
+        return theirs
+    theirs = timm.create_model(f'swin_{arch}_patch4_window7_224', pretrained=False, img_size=img_size,
+                               window_size=window, drop_path_rate=kwargs['drop_path_rate'])
     theirs.load_state_dict(checkpoint_filter_fn(ours.state_dict(), theirs), strict=True)
+    return theirs
+
+
+def build_pair(arch: str, img_size: int, window: int, device: torch.device, model: str = 'v1'):
+    """Our model and timm's with identical weights."""
+    cls = SwinTransformerV2 if model == 'v2' else SwinTransformer
+    ours = cls(img_size=img_size, window_size=window, **ARCHS[arch])
+    theirs = timm_twin(ours, arch, img_size, window, model)
     return {'ours': ours.to(device), 'timm': theirs.to(device)}
 
 

@@ -69,8 +69,6 @@ import timm  # noqa: E402
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup  # noqa: E402
 from timm.data.random_erasing import RandomErasing  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
-from timm.models.swin_transformer import checkpoint_filter_fn  # noqa: E402
-from timm.models.swin_transformer_v2 import checkpoint_filter_fn as checkpoint_filter_fn_v2  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import CosineLRScheduler  # noqa: E402
 
@@ -82,7 +80,7 @@ from lr_scheduler import build_scheduler  # noqa: E402
 from metrics_log import MetricsLog  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
-from bench_model import ARCHS, DEFAULT_SIZES  # noqa: E402
+from bench_model import ARCHS, DEFAULT_SIZES, timm_twin  # noqa: E402
 
 MODES = ('eager_fp32', 'eager_bf16', 'compile_fp32', 'compile_bf16')
 DEFAULT_CFG = {'v1': 'configs/swin_tiny_patch4_window7_224.yaml', 'v2': 'configs/swinv2_tiny_patch4_window8_256.yaml'}
@@ -159,18 +157,8 @@ def make_config(args, mode: str, batch: int, data_path: Optional[str] = None, wo
 
 
 def timm_model(args, ours: torch.nn.Module) -> torch.nn.Module:
-    """timm's same-size model with our weights (as bench_model.build_pair makes it)."""
-    kw = ARCHS[args.arch]
-    if args.model == 'v2':
-        theirs = timm.create_model('swinv2_tiny_window8_256', pretrained=False, img_size=args.img_size,
-                                   window_size=args.window, **{k: tuple(v) if isinstance(v, list) else v
-                                                               for k, v in kw.items()})
-        theirs.load_state_dict(checkpoint_filter_fn_v2(ours.state_dict(), theirs), strict=True)
-        return theirs
-    theirs = timm.create_model(f'swin_{args.arch}_patch4_window7_224', pretrained=False, img_size=args.img_size,
-                               window_size=args.window, drop_path_rate=kw['drop_path_rate'])
-    theirs.load_state_dict(checkpoint_filter_fn(ours.state_dict(), theirs), strict=True)
-    return theirs
+    """timm's same-size model with our weights (as bench_model makes it)."""
+    return timm_twin(ours, args.arch, args.img_size, args.window, args.model)
 
 
 class SyntheticBatches:
