@@ -143,6 +143,19 @@ _C.TRAIN.MAX_CONSECUTIVE_SKIPS = 25
 # accumulation): 'linear' multiplies them by batch / 512 (the official rule), 'sqrt' by
 # sqrt(batch / 512), 'none' uses them as written
 _C.TRAIN.LR_SCALING = 'linear'
+# [New] How the model is spread over processes: 'ddp' (a full replica per process),
+# 'zero' (DDP with the optimizer state sharded: ZeroRedundancyOptimizer) or 'fsdp'
+# (FSDP2 fully_shard per Swin block: parameters, gradients and optimizer state sharded;
+# checkpoints are torch.distributed.checkpoint folders)
+_C.TRAIN.PARALLEL = 'ddp'
+_C.TRAIN.FSDP = CN()
+# Gradients are reduced in this dtype: 'fp32', or 'bf16' (half the traffic). Parameters are
+# gathered in AMP_DTYPE when AMP is on; the optimizer always updates fp32 master weights.
+_C.TRAIN.FSDP.REDUCE_DTYPE = 'fp32'
+# Keep the sharded parameters, gradients and optimizer state in CPU memory
+_C.TRAIN.FSDP.CPU_OFFLOAD = False
+# Free each block's gathered parameters after its forward (less memory, one more gather in backward)
+_C.TRAIN.FSDP.RESHARD_AFTER_FORWARD = True
 
 # LR scheduler
 _C.TRAIN.LR_SCHEDULER = CN()
@@ -267,6 +280,8 @@ LR_SCHEDULERS = ('cosine', 'linear', 'step', 'multistep')
 CACHE_MODES = ('no', 'part', 'full')
 AMP_DTYPES = ('bf16', 'fp16')
 LR_SCALINGS = ('linear', 'sqrt', 'none')
+PARALLELS = ('ddp', 'zero', 'fsdp')
+REDUCE_DTYPES = ('fp32', 'bf16')
 PREPARED_DATASETS = ('', 'digits')
 DATASETS = ('imagenet', 'imagenet22k', 'synthetic')
 INTERPOLATIONS = ('bicubic', 'bilinear', 'random', 'nearest', 'lanczos', 'hamming', 'box')
@@ -530,6 +545,8 @@ def validate_config(config: CN) -> None:
     _check_choice(config.TRAIN.OPTIMIZER.NAME, OPTIMIZERS, 'TRAIN.OPTIMIZER.NAME')
     _check_choice(config.TRAIN.LR_SCHEDULER.NAME, LR_SCHEDULERS, 'TRAIN.LR_SCHEDULER.NAME')
     _check_choice(config.TRAIN.LR_SCALING, LR_SCALINGS, 'TRAIN.LR_SCALING')
+    _check_choice(config.TRAIN.PARALLEL, PARALLELS, 'TRAIN.PARALLEL')
+    _check_choice(config.TRAIN.FSDP.REDUCE_DTYPE, REDUCE_DTYPES, 'TRAIN.FSDP.REDUCE_DTYPE')
     _check(config.SAVE_FREQ >= 1, f"SAVE_FREQ must be >= 1 (epochs), got {config.SAVE_FREQ}")
     _check(config.SAVE_STEP_FREQ >= 0, f"SAVE_STEP_FREQ must be >= 0 (0: off), got {config.SAVE_STEP_FREQ}")
     _check(config.TRAIN.MAX_CONSECUTIVE_SKIPS >= 1,
@@ -631,6 +648,8 @@ def get_config(args: argparse.Namespace) -> CN:
     config.TRAIN.OPTIMIZER.NAME = config.TRAIN.OPTIMIZER.NAME.lower()
     config.TRAIN.LR_SCHEDULER.NAME = config.TRAIN.LR_SCHEDULER.NAME.lower()
     config.TRAIN.LR_SCALING = config.TRAIN.LR_SCALING.lower()
+    config.TRAIN.PARALLEL = config.TRAIN.PARALLEL.lower()
+    config.TRAIN.FSDP.REDUCE_DTYPE = config.TRAIN.FSDP.REDUCE_DTYPE.lower()
     config.DATA.PREPARE = config.DATA.PREPARE.lower()
     config.AMP_DTYPE = config.AMP_DTYPE.lower()
     for section, key in (('DATA', 'DATASET'), ('DATA', 'INTERPOLATION'), ('DATA', 'CACHE_MODE'),
