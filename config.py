@@ -179,6 +179,12 @@ _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
 # [New] SGD with Nesterov momentum (the official code always uses it)
 _C.TRAIN.OPTIMIZER.NESTEROV = True
+# [New] LARS trust coefficient: before momentum, a weight tensor's g + WEIGHT_DECAY x w
+# is scaled by TRUST_COEFF x ||w|| / (||g|| + WEIGHT_DECAY x ||w||) (You et al. 2017; timm's default)
+_C.TRAIN.OPTIMIZER.TRUST_COEFF = 0.001
+# [New] Clip the layer-wise trust ratio: LARC for LARS (local LR at most the global LR),
+# LAMBC for LAMB (ratio at most 1). LAMB and LARS share EPS, BETAS (LAMB), MOMENTUM and NESTEROV (LARS)
+_C.TRAIN.OPTIMIZER.TRUST_CLIP = False
 
 # Layer-wise LR decay for fine-tuning
 _C.TRAIN.LAYER_DECAY = 1.0
@@ -275,7 +281,7 @@ _C.FUSED_LAYERNORM = False
 MODEL_TYPES = ('swin', 'swinv2')
 # the config section holding each model type's architecture
 ARCH_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2'}
-OPTIMIZERS = ('adamw', 'sgd')
+OPTIMIZERS = ('adamw', 'sgd', 'lamb', 'lars')
 LR_SCHEDULERS = ('cosine', 'linear', 'step', 'multistep')
 CACHE_MODES = ('no', 'part', 'full')
 AMP_DTYPES = ('bf16', 'fp16')
@@ -543,6 +549,7 @@ def validate_config(config: CN) -> None:
     if config.TRAIN.CLIP_GRAD is not None:  # 0 or null: no clipping
         _check_non_negative(config.TRAIN.CLIP_GRAD, 'TRAIN.CLIP_GRAD')
     _check_choice(config.TRAIN.OPTIMIZER.NAME, OPTIMIZERS, 'TRAIN.OPTIMIZER.NAME')
+    _check_positive(config.TRAIN.OPTIMIZER.TRUST_COEFF, 'TRAIN.OPTIMIZER.TRUST_COEFF')
     _check_choice(config.TRAIN.LR_SCHEDULER.NAME, LR_SCHEDULERS, 'TRAIN.LR_SCHEDULER.NAME')
     _check_choice(config.TRAIN.LR_SCALING, LR_SCALINGS, 'TRAIN.LR_SCALING')
     _check_choice(config.TRAIN.PARALLEL, PARALLELS, 'TRAIN.PARALLEL')

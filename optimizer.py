@@ -1,6 +1,6 @@
 """Build the optimizer from the config: weight-decay groups as the official Swin code forms
-them, optional layer-wise LR decay as the SimMIM fine-tuning recipe assigns it, and the
-fastest kernel the device offers.
+them, optional layer-wise LR decay as the SimMIM fine-tuning recipe assigns it, the fastest
+kernel the device offers, and timm's LAMB / LARS for large batches.
 
 Groups carry 'lr_scale' (read by `lr_scheduler.LRScheduler`) and 'name' (for the run log).
 """
@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+from timm.optim import Lamb, Lars
 from yacs.config import CfgNode
 
 from config import OPTIMIZERS, ConfigError, model_arch
@@ -97,8 +98,45 @@ def _kernel_options(optimizer_cls: type[torch.optim.Optimizer],
     return {'foreach': True} if devices == {'cuda'} else {}
 
 
+def _is_no_decay_group(group: dict[str, Any]) -> bool:
+    return group['name'].endswith('no_decay')
+
+
+class StepPerParamLamb(Lamb):
+    """timm's Lamb with its step count kept per parameter (`state[p]['step']`, as torch's Adam
+    keeps it) between steps. timm keeps it in the param group, a key a fresh optimizer lacks:
+    the trainer's resume check (same group keys) would refuse the checkpoint, restoring the
+    config's group settings would drop the count (wrong bias correction), and ZeRO copies
+    group keys into its own groups."""
+
+    def __init__(self, params, max_lr_snapshot: Any = None, **kwargs: Any):
+        # ZeRO rebuilds the optimizer from `defaults`, which hold Lamb's derived max_lr_snapshot
+        super().__init__(params, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            counts = [self.state[p]['step'] for p in group['params'] if 'step' in self.state.get(p, {})]
+            if counts:
+                group['step'] = counts[0]
+        try:
+            return super().step(closure)
+        finally:
+            for group in self.param_groups:
+                count = group.pop('step', None)
+                for p in group['params'] if count is not None else ():
+                    if p in self.state:  # parameters that have moments
+                        self.state[p]['step'] = count
+
+
 def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW or SGD (Nesterov by default, as the official code) over `build_param_groups`."""
+    """AdamW or SGD (Nesterov by default, as the official code), or for large batches timm's
+    LAMB or LARS, over `build_param_groups`.
+
+    LAMB and LARS scale each weight tensor's step by a layer-wise trust ratio (||w|| over the
+    update's norm); the no-decay groups (biases, norms, position tables) take plain Adam /
+    momentum-SGD steps, as in NVIDIA's LAMB and timm. Adaptation follows the group kind, not
+    its weight decay, so TRAIN.WEIGHT_DECAY 0 still adapts the weights."""
     opt = config.TRAIN.OPTIMIZER
     name = opt.NAME
     groups = build_param_groups(config, model)
@@ -113,6 +151,19 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
                               f"set TRAIN.OPTIMIZER.NESTEROV False for plain SGD")
         return torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=opt.NESTEROV,
                                weight_decay=weight_decay, **_kernel_options(torch.optim.SGD, params))
+    if name in ('lamb', 'lars'):
+        for group in groups:  # timm skips adaptation where weight_decay == 0 unless always_adapt
+            group['always_adapt'] = not _is_no_decay_group(group)
+    if name == 'lamb':
+        # max_grad_norm None: the engine already clips the global norm to TRAIN.CLIP_GRAD
+        return StepPerParamLamb(groups, lr=lr, betas=tuple(opt.BETAS), eps=opt.EPS, weight_decay=weight_decay,
+                                max_grad_norm=None, trust_clip=opt.TRUST_CLIP, always_adapt=False)
+    if name == 'lars':
+        if opt.NESTEROV and opt.MOMENTUM <= 0:
+            raise ConfigError(f"TRAIN.OPTIMIZER.NESTEROV needs TRAIN.OPTIMIZER.MOMENTUM > 0, got {opt.MOMENTUM}; "
+                              f"set TRAIN.OPTIMIZER.NESTEROV False for LARS without momentum")
+        return Lars(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=opt.NESTEROV, weight_decay=weight_decay,
+                    trust_coeff=opt.TRUST_COEFF, eps=opt.EPS, trust_clip=opt.TRUST_CLIP, always_adapt=False)
     raise ConfigError(f"TRAIN.OPTIMIZER.NAME '{name}' is not one of {', '.join(OPTIMIZERS)}")
 
 
