@@ -3,7 +3,9 @@ loading with a one-line error, pruning, and the RNG states a resume restores.
 
 A checkpoint is a plain dict (`model` in the official key format, `optimizer`,
 `lr_scheduler`, `scaler`, `epoch`, `max_accuracy`, `config` as a YAML string, plus `step`,
-`rng`, ...) that `torch.load(weights_only=True)` reads: no pickled objects.
+`rng`, ...) that `torch.load(weights_only=True)` reads: no pickled objects. Sharded runs
+(TRAIN.PARALLEL fsdp) write the same content as a folder instead (`*.dcp`, see
+sharded_checkpoint.py); the names, `latest`, pruning and auto-resume treat both alike.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-EPOCH_FILE = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
-STEP_FILE = re.compile(r'^ckpt_step_(\d+)\.pth$')  # mid-epoch, numbered by optimizer updates done
+EPOCH_FILE = re.compile(r'^ckpt_epoch_(\d+)\.(?:pth|dcp)$')
+STEP_FILE = re.compile(r'^ckpt_step_(\d+)\.(?:pth|dcp)$')  # mid-epoch, numbered by optimizer updates done
 BEST_FILE = 'best.pth'
+BEST_FOLDER = 'best.dcp'
 LATEST_FILE = 'latest'  # names the newest checkpoint; rewritten only after it is in place
 # derived buffers the model rebuilds itself; a file may carry them or not (see the model)
 DERIVED_SUFFIXES = ('relative_position_index', 'attn_mask', 'relative_coords_table')
@@ -34,12 +37,20 @@ class OutputError(ValueError):
     """A file of the run (checkpoint, config, metrics) cannot be written; one line."""
 
 
-def epoch_checkpoint_name(epoch: int) -> str:
-    return f'ckpt_epoch_{epoch}.pth'
+def _suffix(sharded: bool) -> str:
+    return 'dcp' if sharded else 'pth'
 
 
-def step_checkpoint_name(updates: int) -> str:
-    return f'ckpt_step_{updates}.pth'
+def epoch_checkpoint_name(epoch: int, sharded: bool = False) -> str:
+    return f'ckpt_epoch_{epoch}.{_suffix(sharded)}'
+
+
+def step_checkpoint_name(updates: int, sharded: bool = False) -> str:
+    return f'ckpt_step_{updates}.{_suffix(sharded)}'
+
+
+def best_name(sharded: bool = False) -> str:
+    return BEST_FOLDER if sharded else BEST_FILE
 
 
 def _fsync_dir(folder: str) -> None:
@@ -56,7 +67,7 @@ def _fsync_dir(folder: str) -> None:
 TMP_MARK = '.tmp-'  # temporary files are '<final name>.tmp-<pid>'
 
 
-def _reason(e: BaseException) -> str:
+def error_line(e: BaseException) -> str:
     """The first line of an exception, for a one-line message."""
     text = getattr(e, 'strerror', None) or str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
@@ -74,7 +85,7 @@ def _atomic_write(path: str, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        raise OutputError(f"cannot write '{path}': {_reason(e)}; the previous file is untouched") from None
+        raise OutputError(f"cannot write '{path}': {error_line(e)}; the previous file is untouched") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -90,8 +101,55 @@ def atomic_write_text(text: str, path: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
+def remove_checkpoint(path: str) -> None:
+    """Delete a checkpoint file or a sharded checkpoint folder."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def replace_folder(tmp: str, path: str) -> None:
+    """Rename the finished folder `tmp` to `path`. A folder cannot be renamed over another,
+    so an existing `path` is first renamed to a temporary name (auto-resume then falls back
+    to the previous checkpoint for that instant) and deleted afterwards."""
+    old = f'{path}{TMP_MARK}old'
+    if os.path.exists(path):
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def _link_folder(src: str, dst: str) -> None:
+    """A sharded checkpoint's copy made of hard links (copies where links are refused)."""
+    tmp = f'{dst}{TMP_MARK}{os.getpid()}'
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    try:
+        shutil.copytree(src, tmp, copy_function=link)
+        replace_folder(tmp, dst)
+    except OSError as e:
+        raise OutputError(f"cannot write '{dst}': {error_line(e)}; the previous one is untouched") from None
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
 def atomic_link(src: str, dst: str) -> None:
     """Make `dst` hold the same bytes as `src` (a hard link where possible: no second write)."""
+    if os.path.isdir(src):
+        _link_folder(src, dst)
+        return
     tmp = f'{dst}{TMP_MARK}{os.getpid()}'
     try:
         if os.path.exists(tmp):
@@ -109,11 +167,12 @@ def atomic_link(src: str, dst: str) -> None:
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
-    """Temporary files left by a process killed while writing (never a finished file)."""
+    """Temporary files and folders left by a process killed while writing (never a
+    finished checkpoint)."""
     removed = []
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         if TMP_MARK in name:
-            os.remove(os.path.join(folder, name))
+            remove_checkpoint(os.path.join(folder, name))
             removed.append(name)
     return removed
 
@@ -166,7 +225,7 @@ def prune_checkpoints(folder: str, keep_last: int, current_epoch: int) -> list[s
         return []
     removed = []
     for _, path in found[:-keep_last]:
-        os.remove(path)
+        remove_checkpoint(path)
         removed.append(path)
     return removed
 
@@ -175,7 +234,7 @@ def prune_step_checkpoints(folder: str, keep_from: int) -> None:
     """Delete mid-epoch checkpoints older than `keep_from` updates: a newer one supersedes them."""
     for updates, path in step_checkpoints(folder):
         if updates < keep_from:
-            os.remove(path)
+            remove_checkpoint(path)
 
 
 def set_aside_later_checkpoints(folder: str, epoch: int, updates: int, keep: Optional[str] = None) -> list[str]:
@@ -191,7 +250,12 @@ def set_aside_later_checkpoints(folder: str, epoch: int, updates: int, keep: Opt
 
 
 def read_checkpoint(path: str) -> dict:
-    """Load a checkpoint file safely (weights_only) on the CPU, or raise CheckpointError."""
+    """Load a checkpoint file safely (weights_only) on the CPU, or raise CheckpointError.
+    For a sharded checkpoint folder: its non-tensor part, the tensors stay on disk until
+    `model_state_dict` (or a training resume) reads them."""
+    if os.path.isdir(path):
+        import sharded_checkpoint  # it builds on this module
+        return sharded_checkpoint.read_meta(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
@@ -203,7 +267,7 @@ def read_checkpoint(path: str) -> dict:
             raise CheckpointError(f"checkpoint '{path}' holds pickled Python objects, which safe "
                                   f"(weights_only) loading refuses; save its state dicts only") from None
         raise CheckpointError(f"cannot read checkpoint '{path}' (truncated, or not a PyTorch "
-                              f"checkpoint): {_reason(e)}") from None
+                              f"checkpoint): {error_line(e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a dict of weights")
     return obj
@@ -222,7 +286,11 @@ def newest_readable_checkpoint(folder: str, logger: logging.Logger) -> Optional[
 
 def model_state_dict(checkpoint: dict) -> dict:
     """The weights of an official/our checkpoint (`model` entry), of a timm training
-    checkpoint (`state_dict`) or of a bare state dict, without DDP's `module.` prefix."""
+    checkpoint (`state_dict`) or of a bare state dict, without DDP's `module.` prefix; the
+    full weights of a sharded checkpoint."""
+    import sharded_checkpoint  # it builds on this module
+    if sharded_checkpoint.SHARDED in checkpoint:
+        return sharded_checkpoint.read_full_state(checkpoint[sharded_checkpoint.SHARDED])
     state = checkpoint.get('model', checkpoint.get('state_dict', checkpoint))
     if not isinstance(state, dict):
         raise CheckpointError(f"the checkpoint's 'model' entry is a {type(state).__name__}, not a state dict")
@@ -250,17 +318,26 @@ def mismatch_error(source: str, missing: list[str], unexpected: list[str],
                            + '; '.join(problems))
 
 
-def load_model_weights(model: torch.nn.Module, state: dict, source: str) -> None:
-    """Strict load that reports a mismatch as one line naming the first differing keys."""
-    own = model.state_dict()
+def check_fits(own: dict[str, tuple], saved: dict[str, tuple], source: str) -> None:
+    """Raise one line naming the first differing keys when the tensor names and shapes
+    `saved` (name -> shape) are not the model's `own`; derived buffers may differ."""
     derived = lambda k: k.endswith(DERIVED_SUFFIXES)  # noqa: E731
-    missing = [k for k in own if k not in state and not derived(k)]
-    unexpected = [k for k in state if k not in own and not derived(k)]
-    shapes = [f'{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}' for k in own
-              if k in state and not derived(k) and hasattr(state[k], 'shape') and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in saved and not derived(k)]
+    unexpected = [k for k in saved if k not in own and not derived(k)]
+    shapes = [f'{k} {saved[k]} vs model {own[k]}' for k in own
+              if k in saved and not derived(k) and saved[k] is not None and saved[k] != own[k]]
     error = mismatch_error(source, missing, unexpected, shapes)
     if error:
         raise error
+
+
+def shapes_of(state: dict) -> dict[str, Optional[tuple]]:
+    return {k: tuple(v.shape) if hasattr(v, 'shape') else None for k, v in state.items()}
+
+
+def load_model_weights(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Strict load that reports a mismatch as one line naming the first differing keys."""
+    check_fits(shapes_of(model.state_dict()), shapes_of(state), source)
     model.load_state_dict(state, strict=True)
 
 

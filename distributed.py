@@ -43,8 +43,9 @@ def _launched_by_torchrun() -> bool:
     return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
 
 
-def init_distributed() -> DistContext:
-    """Join the launcher's process group, or run as a single process without one."""
+def init_distributed(group_of_one: bool = False) -> DistContext:
+    """Join the launcher's process group, or run as a single process: without a group, or
+    with `group_of_one` in a group of just this process (FSDP shards over a group)."""
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
@@ -55,8 +56,12 @@ def init_distributed() -> DistContext:
     else:
         device = torch.device('cpu')
     if not _launched_by_torchrun():
-        return DistContext(0, 1, 0, device)
-    if not dist.is_initialized():
+        if not group_of_one:
+            return DistContext(0, 1, 0, device)
+        if not dist.is_initialized():
+            dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', store=dist.HashStore(),
+                                    rank=0, world_size=1)
+    elif not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         kwargs = {'device_id': device} if device.type == 'cuda' else {}
         store, rank, world_size = next(dist.rendezvous('env://'))
@@ -95,6 +100,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest `value` of all ranks (`value` itself for one process)."""
+    if not _active():
+        return value
+    box = torch.tensor([value], dtype=torch.int64,
+                       device=torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else None)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
 
 
 def gather_objects(obj: Any) -> list[Any]:

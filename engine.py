@@ -14,12 +14,14 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from config import model_arch
 from data.prefetch import DevicePrefetcher
-from distributed import all_reduce_sum
+from distributed import all_reduce_sum, max_over_ranks
 from metrics_log import MetricsLog
+from parallel import gradient_sync, is_sharded, local_optimizer
 
 
 def resolve_amp_dtype(config, device: torch.device) -> tuple[Optional[torch.dtype], str]:
@@ -73,7 +75,7 @@ def peak_memory_mb(device: torch.device) -> float:
 class TrainParts:
     """What a training epoch works with (built once by main)."""
     config: Any
-    model: nn.Module            # DDP-wrapped when distributed
+    model: nn.Module            # DDP-wrapped when distributed (ddp, zero); with fsdp the sharded model
     optimizer: torch.optim.Optimizer
     scheduler: Any              # lr_scheduler.LRScheduler
     scaler: Optional[torch.amp.GradScaler]
@@ -109,10 +111,15 @@ def updates_per_epoch(num_batches: int, accumulation_steps: int) -> int:
 def _grad_norm(parameters: list[torch.Tensor], clip: Optional[float]) -> torch.Tensor:
     """Clip to `clip` and return the norm before clipping; with no clip only measure (the
     gradients are not touched, not even multiplied by 1)."""
-    if clip:
-        return torch.nn.utils.clip_grad_norm_(parameters, clip)
     grads = [p.grad for p in parameters if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):  # FSDP shards: the norm over all ranks' pieces
+        norm = norm.full_tensor()
+    if clip:
+        torch.nn.utils.clip_grads_with_norm_(parameters, clip, norm)
+    return norm
 
 
 class DivergedError(RuntimeError):
@@ -137,13 +144,14 @@ class NonFiniteGuard:
         self.total += bad
         self.consecutive = (self.consecutive + 1) * bad
         self.last_update = torch.where(bad, torch.full_like(self.last_update, update), self.last_update)
+        kernel = local_optimizer(optimizer)  # ZeRO's step runs its per-rank optimizer
         if scaler is not None:  # the scaler skips non-finite gradients by itself
             scaler.step(optimizer)
             scaler.update()
-        elif optimizer.defaults.get('fused'):
-            optimizer.found_inf = bad.float()
+        elif kernel.defaults.get('fused'):
+            kernel.found_inf = bad.float()
             optimizer.step()
-            del optimizer.found_inf
+            del kernel.found_inf
         elif not bad.item():  # other kernels cannot skip on the device
             optimizer.step()
 
@@ -187,7 +195,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, start: Optional[Epoch
     n_steps = n_updates * accum  # a trailing partial accumulation would leak into the next epoch
     first_update = epoch * n_updates
     params = [p for p in model.parameters() if p.requires_grad]
-    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)  # its module is the plain model
     clip = cfg.TRAIN.CLIP_GRAD or None
 
     net = parts.compiled if parts.compiled is not None else model
@@ -208,8 +216,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, start: Optional[Epoch
             images, targets = parts.mixup_fn(images, targets)
 
         updating = (step + 1) % accum == 0
-        sync = contextlib.nullcontext() if (updating or not ddp) else model.no_sync()
-        with sync:
+        with gradient_sync(model, updating):
             with autocast_context(parts.amp_dtype, device):
                 outputs = net(images)
             loss = parts.criterion(outputs.float(), targets)
@@ -290,14 +297,26 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, start: Optional[Epoch
     return result
 
 
-@torch.inference_mode()
 def validate(config, model: nn.Module, loader, prep, device: torch.device, amp_dtype: Optional[torch.dtype],
              logger: logging.Logger) -> dict[str, float]:
     """Loss, top-1 and top-5 over the whole validation split. Each rank scores its own
     unpadded shard and the sums of loss, correct and seen images are added across ranks,
     so every image counts once whatever the world size. Pass the model without DDP (shards
-    differ in length, so no collective may run inside the loop)."""
+    differ in length, so no collective may run inside the loop). An FSDP model gathers its
+    parameters in every forward, a collective: ranks with fewer batches then run
+    throw-away forwards until all ranks have run as many."""
     model.eval()
+    sharded = is_sharded(model)
+    # inference_mode where possible; FSDP writes gathered weights into its own buffers
+    with torch.no_grad() if sharded else torch.inference_mode():
+        result = _score(config, model, loader, prep, device, amp_dtype, logger, sharded)
+    logger.info(f' * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f} loss {result["val_loss"]:.4f} '
+                f'on {result["n_images"]} images')
+    return result
+
+
+def _score(config, model: nn.Module, loader, prep, device: torch.device, amp_dtype: Optional[torch.dtype],
+           logger: logging.Logger, lockstep: bool) -> dict[str, float]:
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
     start = time.perf_counter()
     for step, (images, targets) in enumerate(DevicePrefetcher(loader, prep)):
@@ -310,15 +329,17 @@ def validate(config, model: nn.Module, loader, prep, device: torch.device, amp_d
                              torch.full((), targets.shape[0], dtype=torch.float64, device=device)])
         if (step + 1) % config.PRINT_FREQ == 0:
             logger.info(f'Test: [{step + 1}/{len(loader)}]')
+    if lockstep:
+        size = config.DATA.IMG_SIZE
+        blank = torch.zeros(1, 3, size, size, device=device)
+        for _ in range(max_over_ranks(len(loader)) - len(loader)):
+            with autocast_context(amp_dtype, device):
+                model(blank)
     all_reduce_sum(sums)
     loss, correct1, correct5, seen = sums.tolist()
-    seen_n = int(round(seen))
-    result = {'acc1': 100.0 * correct1 / max(seen, 1), 'acc5': 100.0 * correct5 / max(seen, 1),
-              'val_loss': loss / max(seen, 1), 'n_images': seen_n,
-              'val_time': time.perf_counter() - start}
-    logger.info(f' * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f} loss {result["val_loss"]:.4f} '
-                f'on {seen_n} images')
-    return result
+    return {'acc1': 100.0 * correct1 / max(seen, 1), 'acc5': 100.0 * correct5 / max(seen, 1),
+            'val_loss': loss / max(seen, 1), 'n_images': int(round(seen)),
+            'val_time': time.perf_counter() - start}
 
 
 @torch.inference_mode()

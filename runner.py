@@ -28,6 +28,7 @@ from distributed import DistContext, barrier, init_distributed, shutdown
 from logger import create_logger
 from metrics_log import MetricsLog
 from models import build_model
+from parallel import check_supported
 from preemption import EXIT_DIVERGED, EXIT_USER_ERROR
 from pretrained import fit_weights
 from trainer import USER_ERRORS, train
@@ -37,14 +38,19 @@ def run(config) -> int:
     """Run `config` in this process; returns the exit code (0, or 2 after a user mistake)."""
     lock = None
     try:
-        ctx = init_distributed()
+        check_supported(config)
+        ctx = init_distributed(group_of_one=config.TRAIN.PARALLEL == 'fsdp' and not config.EVAL_MODE
+                               and not config.THROUGHPUT_MODE)
         _check_output_writable(config.OUTPUT)
         lock = _claim_output(config.OUTPUT) if ctx.is_main else None
         code = _run(config, ctx)
     except (USER_ERRORS + (engine.DivergedError,)) as e:
         rank = int(os.environ.get('RANK', 0))
         where = f' (rank {rank})' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else ''
-        print(f'error{where}: {e}', file=sys.stderr)
+        # one write: under torchrun several ranks share the terminal, and print's separate
+        # write of the newline let two ranks' lines run together
+        sys.stderr.write(f'error{where}: {e}\n')
+        sys.stderr.flush()
         # no orderly shutdown: peers may sit in a collective that would never finish (the
         # launcher stops them once this process exits)
         return EXIT_DIVERGED if isinstance(e, engine.DivergedError) else EXIT_USER_ERROR

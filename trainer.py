@@ -13,15 +13,19 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
 
 import checkpoint as ckpt
 import engine
+import parallel
+import sharded_checkpoint
 from config import ConfigError
 from data import DataError, DevicePreprocessor
-from distributed import DistContext, broadcast_object, gather_objects, wrap_ddp
+from distributed import DistContext, broadcast_object, gather_objects
 from lr_scheduler import build_scheduler, scaled_learning_rates
+from memory_report import estimate_memory, report_lines
 from metrics_log import MetricsLog
 from optimizer import build_optimizer, describe_param_groups
 from preemption import EXIT_PREEMPTED, StopRequest
@@ -48,7 +52,7 @@ class Run:
     """What the loop and the checkpoint writer share."""
     config: Any
     ctx: DistContext
-    model: nn.Module               # without DDP, never compiled: checkpoints are written from it
+    model: nn.Module               # without DDP, never compiled (with fsdp: sharded): checkpoints are written from it
     optimizer: Any
     scheduler: Any
     scaler: Any
@@ -64,6 +68,11 @@ class Run:
     def effective_batch(self) -> int:
         c = self.config
         return c.DATA.BATCH_SIZE * self.ctx.world_size * c.TRAIN.ACCUMULATION_STEPS
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP shards: checkpoints are torch.distributed.checkpoint folders."""
+        return parallel.is_sharded(self.model)
 
 
 def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, prep_val, amp_dtype, logger) -> int:
@@ -82,13 +91,30 @@ def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, p
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info(f'frozen (not trained, kept in eval mode): {", ".join(frozen)}; {trainable:,} of '
                     f'{sum(p.numel() for p in model.parameters()):,} parameters train')
-    optimizer = build_optimizer(config, model)
+    for line in report_lines(estimate_memory(model, config, ctx.world_size, amp_dtype), ctx.device):
+        logger.info(f'memory per process: {line}')
+    path, state = _find_resume_on_main(config, ctx, logger)
+    if not path and config.MODEL.PRETRAINED:  # into the full model, before any sharding
+        load_pretrained(model, config.MODEL.PRETRAINED, logger, config.MODEL.PRETRAINED_CLASS_MAP)
+    if config.TRAIN.PARALLEL == 'fsdp':
+        parallel.shard_model(model, config, amp_dtype)
+        logger.info(f'FSDP: parameters, gradients and optimizer state sharded over {ctx.world_size} process(es), '
+                    f'one unit per Swin block; gathered in {amp_dtype or torch.float32}, gradients reduced in '
+                    f'{config.TRAIN.FSDP.REDUCE_DTYPE}' + (', shards kept in CPU memory' if config.TRAIN.FSDP.CPU_OFFLOAD else ''))
+    optimizer = parallel.shard_optimizer(build_optimizer(config, model), config, ctx)
+    if config.TRAIN.PARALLEL == 'zero' and ctx.distributed:
+        logger.info(f'ZeRO: the optimizer state is sharded over {ctx.world_size} processes')
     for line in describe_param_groups(optimizer):
         logger.info(f'param group: {line}')
     run = Run(config, ctx, model, optimizer, build_scheduler(config, optimizer, n_updates),
               engine.make_scaler(amp_dtype, ctx.device), n_updates, logger)
 
-    point = _resume_point(run)
+    if path:
+        if config.MODEL.PRETRAINED:
+            logger.info(f'--pretrained {config.MODEL.PRETRAINED} is not used: the run resumes from {path}')
+        point = _restore(run, state if state is not None else ckpt.read_checkpoint(path), path)
+    else:
+        point = ResumePoint(config.TRAIN.START_EPOCH)
     run.max_accuracy, run.max_ema_accuracy = point.max_accuracy, point.max_ema_accuracy
     run.ema = _build_ema(config, model, point, logger)
     point.ema = None  # loaded: no second copy of the weights held for the whole run
@@ -101,11 +127,11 @@ def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, p
         logger.info(f'nothing to train: the checkpoint finished epoch {point.epoch - 1} of {config.TRAIN.EPOCHS}')
         return 0
 
-    ddp_model = wrap_ddp(model, ctx.device) if ctx.distributed else model
+    ddp_model = parallel.training_module(model, config, ctx)
     # the DDP-wrapped module is compiled (as PyTorch recommends): the DDP optimizer then
     # splits the graph at the all-reduce buckets, so communication overlaps backward
     compiled = engine.compile_model(ddp_model, config, logger, 'training forward'
-                                    + (' (DDP-wrapped)' if ctx.distributed else ''))
+                                    + (' (DDP-wrapped)' if ddp_model is not model else ''))
     run.eval_model = engine.compile_model(model, config, logger, 'validation forward')
     run.metrics = MetricsLog(config.OUTPUT, ctx.is_main)
     parts = engine.TrainParts(config, ddp_model, optimizer, run.scheduler, run.scaler,
@@ -169,8 +195,10 @@ def _epochs(run: Run, parts, loader_train, loader_val, prep_val, amp_dtype, poin
             record.update(_validate_ema(run, loader_val, prep_val, amp_dtype))
         stopping = stop.agreed()  # a signal during validation: this epoch's checkpoint is the last
         save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or stopping
-        ranks = gather_objects({'rng': ckpt.capture_rng(), 'loss_sum': 0.0}) if (save_epoch or improved) else None
-        _on_every_rank(ctx, lambda: _record_epoch(run, record, ranks, save_epoch, improved))
+        _on_every_rank(ctx, lambda: _record_metrics(run, record))
+        if save_epoch or improved:
+            _save_epoch(run, record, gather_objects({'rng': ckpt.capture_rng(), 'loss_sum': 0.0}),
+                        save_epoch, improved)
         if stopping and epoch < config.TRAIN.EPOCHS - 1:
             logger.info(f'stopped by {stop.signal_name} after epoch {epoch}; exit code {EXIT_PREEMPTED}')
             return EXIT_PREEMPTED
@@ -235,8 +263,9 @@ def _find_resume(config, logger) -> tuple[Optional[str], Optional[dict]]:
     return None, None
 
 
-def _resume_point(run: Run) -> ResumePoint:
-    config, ctx, logger = run.config, run.ctx, run.logger
+def _find_resume_on_main(config, ctx: DistContext, logger) -> tuple[Optional[str], Optional[dict]]:
+    """Rank 0 decides where to resume from; every rank gets the path (rank 0 also the
+    contents it already read)."""
     path, state, refusal = None, None, None
     if ctx.is_main:
         path, state = _find_resume(config, logger)
@@ -244,14 +273,7 @@ def _resume_point(run: Run) -> ResumePoint:
     path, refusal = broadcast_object((path, refusal))
     if refusal:
         raise ConfigError(refusal)
-    if not path:
-        if config.MODEL.PRETRAINED:
-            load_pretrained(run.model, config.MODEL.PRETRAINED, logger, config.MODEL.PRETRAINED_CLASS_MAP)
-        return ResumePoint(config.TRAIN.START_EPOCH)
-    if config.MODEL.PRETRAINED:
-        logger.info(f'--pretrained {config.MODEL.PRETRAINED} is not used: the run resumes from {path}')
-    state = state if state is not None else ckpt.read_checkpoint(path)
-    return _restore(run, state, path)
+    return path, state
 
 
 def _other_run_in(folder: str) -> Optional[str]:
@@ -266,12 +288,12 @@ def _other_run_in(folder: str) -> Optional[str]:
 def _restore(run: Run, state: dict, path: str) -> ResumePoint:
     """Load a training checkpoint strictly and say where to continue."""
     config, ctx, logger = run.config, run.ctx, run.logger
-    missing = [k for k in ('model', 'optimizer', 'epoch') if k not in state]
+    sharded = sharded_checkpoint.SHARDED in state
+    missing = [k for k in (() if sharded else ('model', 'optimizer')) + ('epoch',) if k not in state]
     if missing:
         raise ckpt.CheckpointError(f"'{path}' is not a training checkpoint (no {', '.join(missing)}); "
                                    f"to start from its weights use --pretrained")
-    ckpt.load_model_weights(run.model, ckpt.model_state_dict(state), path)
-    _load_optimizer_state(run.optimizer, state['optimizer'], path)
+    _load_training_state(run, state, path, sharded)
     if run.scaler is not None and state.get('scaler'):
         run.scaler.load_state_dict(state['scaler'])
     point = ResumePoint(int(state['epoch']) + 1, max_accuracy=state.get('max_accuracy'), path=path,
@@ -304,19 +326,32 @@ def _continue_inside_epoch(run: Run, state: dict, same_setup: bool) -> int:
     return min(images // run.effective_batch, run.n_updates) * run.config.TRAIN.ACCUMULATION_STEPS
 
 
-def _load_optimizer_state(optimizer, saved: dict, path: str) -> None:
-    """Restore the moments and step counts; the hyperparameters (betas, weight decay,
-    momentum...) stay the config's. Another optimizer type is refused in one line."""
+def _load_training_state(run: Run, state: dict, path: str, sharded: bool) -> None:
+    """Weights and optimizer state, from a file or a sharded folder, into this run's model
+    (full or sharded) and optimizer (plain or ZeRO); the hyperparameters (betas, weight
+    decay, momentum...) stay the config's."""
+    optimizer = run.optimizer
     current = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
-    saved_keys = [set(g) - {'params'} for g in saved.get('param_groups', [])]
-    if saved_keys != [set(g) for g in current]:
-        raise ckpt.CheckpointError(f"the optimizer state in '{path}' is from another optimizer or parameter "
-                                   f"grouping than TRAIN.OPTIMIZER / TRAIN.LAYER_DECAY now give")
-    try:
-        optimizer.load_state_dict(saved)
-    except (ValueError, KeyError) as e:
-        raise ckpt.CheckpointError(f"the optimizer state in '{path}' does not fit this model "
-                                   f"({str(e).splitlines()[0]})") from None
+    if sharded:
+        if optimizer is not parallel.local_optimizer(optimizer):
+            raise ckpt.CheckpointError(f"'{path}' is a sharded (fsdp) checkpoint; resume it with TRAIN.PARALLEL "
+                                       f"fsdp or ddp, not zero")
+        sharded_checkpoint.load_training_state(path, run.model, optimizer)
+    else:
+        saved = state['optimizer']
+        if [set(g) - {'params'} for g in saved.get('param_groups', [])] != [set(g) for g in current]:
+            raise ckpt.CheckpointError(f"the optimizer state in '{path}' is from another optimizer or parameter "
+                                       f"grouping than TRAIN.OPTIMIZER / TRAIN.LAYER_DECAY now give")
+        if run.sharded:
+            sharded_checkpoint.load_full_training_state(path, run.model, optimizer,
+                                                        ckpt.model_state_dict(state), saved)
+        else:
+            ckpt.load_model_weights(run.model, ckpt.model_state_dict(state), path)
+            try:
+                optimizer.load_state_dict(saved)
+            except (ValueError, KeyError) as e:
+                raise ckpt.CheckpointError(f"the optimizer state in '{path}' does not fit this model "
+                                           f"({str(e).splitlines()[0]})") from None
     for group, settings in zip(optimizer.param_groups, current):
         group.update(settings)
 
@@ -338,13 +373,16 @@ def _on_every_rank(ctx: DistContext, rank0_work) -> None:
 
 
 def _state(run: Run, finished_epoch: int, updates: int, ranks: list, epoch_step: int = 0) -> dict:
+    """What a checkpoint holds. Rank 0 only (ZeRO's optimizer state is gathered there);
+    for a sharded checkpoint only the part besides the model and optimizer tensors."""
     config = run.config
-    state = {'model': run.model.state_dict(), 'optimizer': run.optimizer.state_dict(),
-             'lr_scheduler': run.scheduler.state_dict(),
+    state = {'lr_scheduler': run.scheduler.state_dict(),
              'scaler': run.scaler.state_dict() if run.scaler else None,
              'epoch': finished_epoch, 'max_accuracy': run.max_accuracy, 'config': config.dump(),
              'step': updates, 'world_size': run.ctx.world_size, 'effective_batch': run.effective_batch,
              'accumulation_steps': config.TRAIN.ACCUMULATION_STEPS, 'ranks': ranks}
+    if not run.sharded:
+        state.update({'model': run.model.state_dict(), 'optimizer': run.optimizer.state_dict()})
     if epoch_step:
         state['epoch_step'] = epoch_step
     if run.ema is not None:
@@ -353,43 +391,59 @@ def _state(run: Run, finished_epoch: int, updates: int, ranks: list, epoch_step:
     return state
 
 
+def _write(run: Run, path: str, build_state) -> None:
+    """Every rank: write the checkpoint `build_state()` describes to `path`: one file from
+    rank 0, or with FSDP a folder each rank writes its shards into."""
+    if run.sharded:
+        meta = build_state() if run.ctx.is_main else None
+        sharded_checkpoint.save(path, run.model, run.optimizer, meta, run.ctx)
+        return
+    parallel.gather_optimizer_state(run.optimizer)
+    _on_every_rank(run.ctx, lambda: ckpt.atomic_save(build_state(), path))
+
+
 def _save_mid_epoch(run: Run, epoch: int, steps_done: int, updates: int, loss_sum: float) -> None:
     """Every rank: a checkpoint inside `epoch` after `steps_done` micro-batches."""
     ranks = gather_objects({'rng': ckpt.capture_rng(), 'loss_sum': loss_sum})
+    path = os.path.join(run.config.OUTPUT, ckpt.step_checkpoint_name(updates, run.sharded))
+    _write(run, path, lambda: _state(run, epoch - 1, updates, ranks, epoch_step=steps_done))
 
-    def write() -> None:
-        path = os.path.join(run.config.OUTPUT, ckpt.step_checkpoint_name(updates))
-        ckpt.atomic_save(_state(run, epoch - 1, updates, ranks, epoch_step=steps_done), path)
+    def settle() -> None:
         ckpt.mark_latest(run.config.OUTPUT, path)
         ckpt.prune_step_checkpoints(run.config.OUTPUT, keep_from=updates)
         run.logger.info(f'saved {path} (epoch {epoch}, micro-batch {steps_done})')
-    _on_every_rank(run.ctx, write)
+    _on_every_rank(run.ctx, settle)
 
 
-def _record_epoch(run: Run, record: dict, ranks: Optional[list], save_epoch: bool, improved: bool) -> None:
-    """Rank 0: the metrics line and scalars, the epoch checkpoint (every SAVE_FREQ epochs,
-    the last, or when stopping) and best.pth when validation improved, all atomic."""
-    config, logger = run.config, run.logger
+def _record_metrics(run: Run, record: dict) -> None:
+    """Rank 0: the epoch's metrics line and scalars."""
     run.metrics.append(record)
     run.metrics.scalars(record['epoch'], {f'epoch/{k}': record[k] for k in
                                           ('train_loss', 'acc1', 'acc5', 'val_loss', 'img_per_s', 'lr')})
     run.metrics.flush()
-    if not (save_epoch or improved):
-        return
+
+
+def _save_epoch(run: Run, record: dict, ranks: list, save_epoch: bool, improved: bool) -> None:
+    """Every rank: the epoch checkpoint (every SAVE_FREQ epochs, the last, or when stopping)
+    and the best one when validation improved, all atomic."""
+    config, logger = run.config, run.logger
     epoch = record['epoch']
-    state = _state(run, epoch, record['updates'], ranks)
-    best = os.path.join(config.OUTPUT, ckpt.BEST_FILE)
-    if save_epoch:
-        path = os.path.join(config.OUTPUT, ckpt.epoch_checkpoint_name(epoch))
-        ckpt.atomic_save(state, path)
+    best = os.path.join(config.OUTPUT, ckpt.best_name(run.sharded))
+    build = lambda: _state(run, epoch, record['updates'], ranks)  # noqa: E731
+    if not save_epoch:
+        _write(run, best, build)
+        logger.info(f'saved {best} (top-1 {run.max_accuracy:.2f}%)')
+        return
+    path = os.path.join(config.OUTPUT, ckpt.epoch_checkpoint_name(epoch, run.sharded))
+    _write(run, path, build)
+
+    def settle() -> None:
         ckpt.mark_latest(config.OUTPUT, path)
         ckpt.prune_step_checkpoints(config.OUTPUT, keep_from=record['updates'] + 1)
         logger.info(f'saved {path}')
         if improved:
             ckpt.atomic_link(path, best)
+            logger.info(f'saved {best} (top-1 {run.max_accuracy:.2f}%)')
         for old in ckpt.prune_checkpoints(config.OUTPUT, config.SAVE_KEEP_LAST, epoch):
             logger.info(f'removed {old} (SAVE_KEEP_LAST {config.SAVE_KEEP_LAST})')
-    elif improved:
-        ckpt.atomic_save(state, best)
-    if improved:
-        logger.info(f'saved {best} (top-1 {run.max_accuracy:.2f}%)')
+    _on_every_rank(run.ctx, settle)

@@ -125,7 +125,7 @@ def test_bad_optimizer_settings_raise_config_error():
     cfg = make_config()
     model = models.build_model(cfg)
     with pytest.raises(ConfigError, match='adamw, sgd'):
-        build_optimizer(with_changes(cfg, **{'TRAIN.OPTIMIZER.NAME': 'lamb'}), model)
+        build_optimizer(with_changes(cfg, **{'TRAIN.OPTIMIZER.NAME': 'lion'}), model)
     sgd_no_momentum = with_changes(cfg, **{'TRAIN.OPTIMIZER.NAME': 'sgd', 'TRAIN.OPTIMIZER.MOMENTUM': 0.0})
     with pytest.raises(ConfigError, match='NESTEROV'):
         build_optimizer(sgd_no_momentum, model)

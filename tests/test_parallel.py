@@ -1,0 +1,200 @@
+"""TRAIN.PARALLEL through main.py on 2 CPU processes (gloo): FSDP2 and ZeRO train like DDP,
+sharded checkpoints are whole folders that load into 1 or 3 processes, into a DDP run and
+into one official-format file; a DDP checkpoint continues as FSDP; unsupported
+combinations are one-line errors."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint as ckpt
+import main
+import sharded_checkpoint
+from concurrent_runs import collect
+from models.swin_transformer import SwinTransformer
+from test_train import N_VAL, _metrics, cfg_file, data_root  # noqa: F401 (fixtures)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# micro-batches of 4, two per update: the accumulation paths (no_sync, FSDP's
+# set_requires_gradient_sync) run in every comparison
+COMMON = ['--batch-size', '4', '--accumulation-steps', '2']
+
+
+def _port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _start(cfg, out, nproc, *opts, args=(), script='main.py'):
+    """A torchrun launch (or a plain process for nproc 0) of main.py on the tiny config."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    launcher = ([sys.executable, os.path.join(ROOT, script)] if nproc == 0 else
+                [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
+                 '--master_port', str(_port()), os.path.join(ROOT, script)])
+    tail = ['--cfg', cfg, '--output', str(out), *COMMON, *args] + (['--opts', *opts] if opts else [])
+    return subprocess.Popen(launcher + (tail if script == 'main.py' else list(args)), env=env, cwd=str(out.parent),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _ok(results):
+    for name, (code, _, err) in results.items():
+        assert code == 0, f'{name}: exit {code}\n{err[-3000:]}'
+
+
+@pytest.fixture(scope='module')
+def runs(cfg_file, tmp_path_factory):
+    """The same 2-epoch training as ddp, fsdp and zero, 2 processes each."""
+    root = tmp_path_factory.mktemp('parallel')
+    procs = {kind: _start(cfg_file, root / kind, 2, 'TRAIN.PARALLEL', kind, 'SAVE_KEEP_LAST', '1')
+             for kind in ('ddp', 'fsdp', 'zero')}
+    _ok(collect(procs, timeout=400))
+    return {kind: root / kind / 'tiny' / 'default' for kind in procs}
+
+
+def _weights(path):
+    return ckpt.model_state_dict(ckpt.read_checkpoint(str(path)))
+
+
+def test_fsdp_and_zero_train_like_ddp(runs):
+    reference = _metrics(runs['ddp'])
+    for kind in ('fsdp', 'zero'):
+        lines = _metrics(runs[kind])
+        assert [m['epoch'] for m in lines] == [0, 1]
+        for got, want in zip(lines, reference):
+            assert got['train_loss'] == pytest.approx(want['train_loss'], rel=1e-4), kind
+            assert got['val_loss'] == pytest.approx(want['val_loss'], rel=1e-4), kind
+            assert got['acc1'] == want['acc1'] and got['n_images'] == 3 * N_VAL
+    ddp = _weights(runs['ddp'] / 'ckpt_epoch_1.pth')
+    for kind, name in (('fsdp', 'ckpt_epoch_1.dcp'), ('zero', 'ckpt_epoch_1.pth')):
+        got = _weights(runs[kind] / name)
+        assert set(got) == set(ddp)
+        for key in ddp:
+            torch.testing.assert_close(got[key], ddp[key], rtol=1e-4, atol=1e-6, msg=f'{kind} {key}')
+
+    # ZeRO's checkpoint holds the whole optimizer state, gathered from both ranks
+    zero = torch.load(runs['zero'] / 'ckpt_epoch_1.pth', weights_only=True)['optimizer']
+    plain = torch.load(runs['ddp'] / 'ckpt_epoch_1.pth', weights_only=True)['optimizer']
+    assert sorted(zero['state']) == sorted(plain['state']) and len(plain['state']) > 0
+    for index, entry in plain['state'].items():
+        torch.testing.assert_close(zero['state'][index]['exp_avg'], entry['exp_avg'], rtol=1e-3, atol=1e-7)
+    assert 'ZeRO: the optimizer state is sharded over 2 processes' in (runs['zero'] / 'log_rank0.txt').read_text()
+
+
+def test_sharded_checkpoints_are_whole_folders_pruned_and_linked(runs):
+    folder = runs['fsdp']
+    log = (folder / 'log_rank0.txt').read_text()
+    assert 'FSDP: parameters, gradients and optimizer state sharded over 2 process(es)' in log
+    assert 'memory per process' in log
+    # SAVE_KEEP_LAST 1 removed epoch 0's folder; best is a linked copy; no temporaries left
+    assert sorted(os.path.basename(p) for p in glob.glob(str(folder / 'ckpt_*'))) == ['ckpt_epoch_1.dcp']
+    assert (folder / 'latest').read_text().strip() == 'ckpt_epoch_1.dcp'
+    assert not glob.glob(str(folder / '*tmp*'))
+    shards = sorted(os.path.basename(p) for p in glob.glob(str(folder / 'ckpt_epoch_1.dcp' / '*')))
+    assert shards == ['.metadata', '__0_0.distcp', '__1_0.distcp', 'meta.pt'] or \
+        shards == ['__0_0.distcp', '__1_0.distcp', 'meta.pt']  # glob hides dot files on some systems
+    meta = ckpt.read_checkpoint(str(folder / 'ckpt_epoch_1.dcp'))
+    assert meta['epoch'] == 1 and meta['world_size'] == 2 and isinstance(meta['config'], str)
+    assert 'model' not in meta and 'optimizer' not in meta  # those stay in the shards
+    best = ckpt.read_checkpoint(str(folder / ckpt.BEST_FOLDER))
+    assert best['max_accuracy'] == max(m['acc1'] for m in _metrics(folder))
+
+
+@pytest.mark.parametrize('nproc', [1, 3])
+def test_sharded_checkpoint_loads_into_another_process_count(runs, tmp_path, nproc):
+    """Saved by 2 processes; sharded over 1 or 3, the gathered model and optimizer state
+    equal the checkpoint's tensors exactly (tests/reshard_worker.py)."""
+    path = str(runs['fsdp'] / 'ckpt_epoch_1.dcp')
+    (tmp_path / 'w').mkdir()
+    results = collect({nproc: _start('', tmp_path / 'w', nproc, script='tests/reshard_worker.py', args=[path])}, 300)
+    _ok(results)
+    assert results[nproc][1].count('tensors equal') == nproc
+
+
+def test_sharded_run_resumes_with_1_and_3_processes_and_as_ddp(runs, cfg_file, tmp_path):
+    procs = {}
+    for name, nproc, kind in (('one', 0, 'fsdp'), ('three', 3, 'fsdp'), ('as_ddp', 2, 'ddp')):
+        procs[name] = _start(cfg_file, tmp_path / name, nproc, 'TRAIN.PARALLEL', kind, 'TRAIN.EPOCHS', '3',
+                             args=['--resume', str(runs['fsdp'] / 'ckpt_epoch_1.dcp')])
+    _ok(collect(procs, timeout=400))
+    for name in procs:
+        folder = tmp_path / name / 'tiny' / 'default'
+        log = (folder / 'log_rank0.txt').read_text()
+        assert 'resumed from' in log and 'continuing at epoch 2' in log, name
+        assert [m['epoch'] for m in _metrics(folder)] == [2], name
+        assert (folder / ('ckpt_epoch_2.pth' if name == 'as_ddp' else 'ckpt_epoch_2.dcp')).exists(), name
+    assert 'the setup changed' in (tmp_path / 'three' / 'tiny' / 'default' / 'log_rank0.txt').read_text()
+
+
+def test_ddp_checkpoint_continues_as_fsdp_like_ddp(runs, cfg_file, tmp_path):
+    """A file checkpoint into a sharded run: the third epoch equals DDP's own continuation."""
+    procs = {kind: _start(cfg_file, tmp_path / kind, 2, 'TRAIN.PARALLEL', kind, 'TRAIN.EPOCHS', '3',
+                          args=['--resume', str(runs['ddp'] / 'ckpt_epoch_1.pth')]) for kind in ('ddp', 'fsdp')}
+    _ok(collect(procs, timeout=400))
+    ddp, fsdp = (tmp_path / kind / 'tiny' / 'default' for kind in ('ddp', 'fsdp'))
+    (want,), (got,) = _metrics(ddp), _metrics(fsdp)
+    assert got['train_loss'] == pytest.approx(want['train_loss'], rel=1e-4)
+    expected = _weights(ddp / 'ckpt_epoch_2.pth')
+    for key, tensor in _weights(fsdp / 'ckpt_epoch_2.dcp').items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_consolidated_file_loads_into_the_plain_model_with_equal_outputs(runs, cfg_file, tmp_path, capsys):
+    from tools import consolidate_checkpoint
+    folder = runs['fsdp'] / 'ckpt_epoch_1.dcp'
+    out = tmp_path / 'swin.pth'
+    assert consolidate_checkpoint.main(['--checkpoint', str(folder), '--output', str(out)]) == 0
+    state = torch.load(out, map_location='cpu', weights_only=True)
+    assert set(state) == {'model', 'config', 'epoch', 'max_accuracy'} and state['epoch'] == 1
+    model = SwinTransformer(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                            window_size=4, num_classes=3, drop_path_rate=0.0)
+    model.load_state_dict(state['model'], strict=True)  # official keys, nothing left over
+    full = sharded_checkpoint.read_full_state(str(folder))
+    reference = SwinTransformer(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                window_size=4, num_classes=3, drop_path_rate=0.0)
+    reference.load_state_dict(full)
+    images = torch.randn(5, 3, 32, 32)
+    assert torch.equal(model.eval()(images), reference.eval()(images))
+
+    # --eval of the file and of the folder reproduce the run's last validation
+    last = _metrics(runs['fsdp'])[-1]
+    for name, path in (('file', out), ('folder', folder)):
+        assert main.main(['--cfg', cfg_file, '--output', str(tmp_path / name), '--eval', '--resume', str(path)]) == 0
+        (line,) = _metrics(tmp_path / name / 'tiny' / 'default')
+        assert line['acc1'] == last['acc1'] and line['val_loss'] == pytest.approx(last['val_loss'], rel=1e-5)
+
+    assert consolidate_checkpoint.main(['--checkpoint', str(out), '--output', str(tmp_path / 'x.pth')]) == 2
+    assert 'is not a sharded checkpoint folder' in capsys.readouterr().err
+
+
+def test_interrupted_sharded_write_is_removed_and_old_folder_kept(tmp_path):
+    old = tmp_path / 'best.dcp'
+    old.mkdir()
+    (old / 'meta.pt').write_bytes(b'old')
+    torn = tmp_path / ('ckpt_epoch_3.dcp' + sharded_checkpoint.TMP_SUFFIX)
+    torn.mkdir()
+    (torn / '__0_0.distcp').write_bytes(b'half')
+    assert ckpt.remove_stale_temporaries(str(tmp_path)) == [torn.name]
+    assert not torn.exists() and (old / 'meta.pt').read_bytes() == b'old'
+    new = tmp_path / 'new'
+    new.mkdir()
+    (new / 'meta.pt').write_bytes(b'new')
+    ckpt.replace_folder(str(new), str(old))
+    assert (old / 'meta.pt').read_bytes() == b'new' and sorted(os.listdir(tmp_path)) == ['best.dcp']
+
+
+@pytest.mark.parametrize('opts, message', [
+    (['TRAIN.EMA.ENABLE', 'True'], 'TRAIN.EMA is not supported with TRAIN.PARALLEL fsdp'),
+    (['TRAIN.COMPILE', 'True'], 'TRAIN.COMPILE is not supported with TRAIN.PARALLEL fsdp'),
+    (['AMP_ENABLE', 'True', 'AMP_DTYPE', 'fp16'], 'set AMP_DTYPE bf16'),
+    (['TRAIN.PARALLEL', 'fsdpp'], "TRAIN.PARALLEL 'fsdpp'"),
+])
+def test_unsupported_combinations_are_one_line_errors(cfg_file, tmp_path, capsys, opts, message):
+    parallel = [] if opts[0] == 'TRAIN.PARALLEL' else ['TRAIN.PARALLEL', 'fsdp']
+    assert main.main(['--cfg', cfg_file, '--output', str(tmp_path), '--opts', *parallel, *opts]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and 'Traceback' not in err
