@@ -198,3 +198,17 @@ def test_unsupported_combinations_are_one_line_errors(cfg_file, tmp_path, capsys
     assert main.main(['--cfg', cfg_file, '--output', str(tmp_path), '--opts', *parallel, *opts]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and 'Traceback' not in err
+
+
+def test_lamb_under_fsdp_trains_like_ddp(cfg_file, tmp_path):
+    """LAMB's trust ratio needs each weight's whole norm: over FSDP shards (DTensors) it
+    must equal the replicated run's."""
+    procs = {kind: _start(cfg_file, tmp_path / kind, 2, 'TRAIN.PARALLEL', kind, 'TRAIN.OPTIMIZER.NAME', 'lamb',
+                          'TRAIN.EPOCHS', '1') for kind in ('ddp', 'fsdp')}
+    _ok(collect(procs, timeout=400))
+    ddp, fsdp = (tmp_path / kind / 'tiny' / 'default' for kind in ('ddp', 'fsdp'))
+    (want,), (got,) = _metrics(ddp), _metrics(fsdp)
+    assert got['train_loss'] == pytest.approx(want['train_loss'], rel=1e-5)
+    expected = _weights(ddp / 'ckpt_epoch_0.pth')
+    for key, tensor in _weights(fsdp / 'ckpt_epoch_0.dcp').items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-4, atol=1e-6, msg=key)
