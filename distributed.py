@@ -74,15 +74,18 @@ def init_distributed(group_of_one: bool = False) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, control)
 
 
-def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+def wrap_ddp(model: torch.nn.Module, device: torch.device,
+             static_graph: bool = False) -> torch.nn.parallel.DistributedDataParallel:
     """DDP without buffer syncing (the model's buffers are derived from its shape, the same
-    on every rank) and with gradients viewing the all-reduce buckets (no extra copy)."""
+    on every rank) and with gradients viewing the all-reduce buckets (no extra copy).
+    `static_graph`: every step uses the same parameters in the same order, so DDP may
+    rebuild its buckets once in that order and skip its per-step bookkeeping."""
     no_buffer_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in
                       inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
                       else {'broadcast_buffers': False})  # older torch knows only this name
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == 'cuda' else None,
-        gradient_as_bucket_view=True, **no_buffer_sync)
+        gradient_as_bucket_view=True, static_graph=static_graph, **no_buffer_sync)
 
 
 def shutdown() -> None:

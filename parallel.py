@@ -76,7 +76,12 @@ def training_module(model: nn.Module, config, ctx: DistContext) -> nn.Module:
     distributed, the (already sharded) model itself for fsdp or a single process."""
     if not ctx.distributed or is_sharded(model):
         return model
-    return wrap_ddp(model, ctx.device)
+    # A Swin step always uses every trainable parameter once (drop path scales samples and
+    # skips no module), so the graph is static, but DDP's static mode fails an internal
+    # assert after no_sync micro-steps (torch 2.14), and compiled runs place their own graph
+    # breaks at the buckets: only plain eager runs without accumulation use it.
+    static = config.TRAIN.ACCUMULATION_STEPS == 1 and not config.TRAIN.COMPILE
+    return wrap_ddp(model, ctx.device, static_graph=static)
 
 
 def shard_optimizer(optimizer: torch.optim.Optimizer, config, ctx: DistContext) -> torch.optim.Optimizer:

@@ -212,3 +212,21 @@ def test_lamb_under_fsdp_trains_like_ddp(cfg_file, tmp_path):
     expected = _weights(ddp / 'ckpt_epoch_0.pth')
     for key, tensor in _weights(fsdp / 'ckpt_epoch_0.dcp').items():
         torch.testing.assert_close(tensor, expected[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize('accumulation, compile_, static', [(1, False, True), (2, False, False), (1, True, False)])
+def test_ddp_uses_a_static_graph_where_valid(tmp_path, accumulation, compile_, static):
+    """Static mode for plain eager steps; not after no_sync micro-steps (DDP asserts there)
+    nor under compile."""
+    import torch.distributed as dist
+    import parallel
+    from config import default_config
+    from distributed import DistContext
+    config = default_config()
+    config.TRAIN.ACCUMULATION_STEPS, config.TRAIN.COMPILE = accumulation, compile_
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        ddp = parallel.training_module(torch.nn.Linear(3, 2), config, DistContext(0, 1, 0, torch.device('cpu')))
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and ddp.static_graph == static
+    finally:
+        dist.destroy_process_group()
