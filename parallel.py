@@ -50,10 +50,11 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard_model(model: nn.Module, config, amp_dtype: Optional[torch.dtype]) -> nn.Module:
+def shard_model(model: nn.Module, config, amp_dtype: Optional[torch.dtype], offload: bool = False) -> nn.Module:
     """TRAIN.PARALLEL fsdp: `fully_shard` each Swin block, then the root, in place.
     Call it after loading pretrained weights (they load into the full model) and before
-    building the optimizer (which must see the shards)."""
+    building the optimizer (which must see the shards). `offload`: keep the shards in
+    (pinned) host memory, for CUDA runs."""
     # Every rank built (or loaded) its own weights; DDP would broadcast rank 0's, FSDP keeps
     # each rank's own slice, so without this the model would be a patchwork of initializations.
     with torch.no_grad():
@@ -62,7 +63,7 @@ def shard_model(model: nn.Module, config, amp_dtype: Optional[torch.dtype]) -> n
     fsdp = config.TRAIN.FSDP
     options = {'mp_policy': MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=REDUCE_DTYPES[fsdp.REDUCE_DTYPE]),
                'reshard_after_forward': fsdp.RESHARD_AFTER_FORWARD}
-    if fsdp.CPU_OFFLOAD:
+    if offload:
         options['offload_policy'] = CPUOffloadPolicy()
     for stage in model.layers:
         for block in stage.blocks:

@@ -97,10 +97,13 @@ def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, p
     if not path and config.MODEL.PRETRAINED:  # into the full model, before any sharding
         load_pretrained(model, config.MODEL.PRETRAINED, logger, config.MODEL.PRETRAINED_CLASS_MAP)
     if config.TRAIN.PARALLEL == 'fsdp':
-        parallel.shard_model(model, config, amp_dtype)
+        offload = config.TRAIN.FSDP.CPU_OFFLOAD and ctx.device.type == 'cuda'
+        parallel.shard_model(model, config, amp_dtype, offload)
         logger.info(f'FSDP: parameters, gradients and optimizer state sharded over {ctx.world_size} process(es), '
                     f'one unit per Swin block; gathered in {amp_dtype or torch.float32}, gradients reduced in '
-                    f'{config.TRAIN.FSDP.REDUCE_DTYPE}' + (', shards kept in CPU memory' if config.TRAIN.FSDP.CPU_OFFLOAD else ''))
+                    f'{config.TRAIN.FSDP.REDUCE_DTYPE}' + (', shards kept in CPU memory' if offload else ''))
+        if config.TRAIN.FSDP.CPU_OFFLOAD and not offload:
+            logger.info('TRAIN.FSDP.CPU_OFFLOAD has nothing to do: this run is on the CPU already')
     optimizer = parallel.shard_optimizer(build_optimizer(config, model), config, ctx)
     if config.TRAIN.PARALLEL == 'zero' and ctx.distributed:
         logger.info(f'ZeRO: the optimizer state is sharded over {ctx.world_size} processes')
