@@ -112,13 +112,18 @@ class WindowAttention(v1.WindowAttentionBase):
         return (self.cpb_mlp[0].weight, self.cpb_mlp[0].bias, self.cpb_mlp[2].weight, self.relative_coords_table)
 
     def bias_table(self) -> torch.Tensor:
-        """((2Wh-1)(2Ww-1), heads): 16 * sigmoid(MLP(offset)) for every offset. Computed
-        outside autocast, in the weights' dtype (a few thousand rows): the bias reaches 16,
-        where bf16 steps by 1/16, so only the attention kernel's input dtype rounds it."""
-        coords = self.relative_coords_table
-        with torch.autocast(coords.device.type, enabled=False):
-            table = self.cpb_mlp(coords).view(-1, self.num_heads)
-        return 16 * torch.sigmoid(table)  # elementwise: the same before or after the gather
+        """((2Wh-1)(2Ww-1), heads): 16 * sigmoid(MLP(offset)) for every offset, in the
+        weights' dtype. Computed outside autocast in at least fp32 (a few thousand rows):
+        the bias reaches 16, where bf16 steps by 1/16, so only the attention kernel's input
+        dtype rounds it. That holds when the weights arrive in bf16 too (FSDP's mixed
+        precision gathers them so, while the coordinate table, a buffer, stays fp32)."""
+        weight_dtype = self.cpb_mlp[0].weight.dtype
+        dtype = torch.promote_types(weight_dtype, torch.float32)
+        weights = {name: p.to(dtype) for name, p in self.cpb_mlp.named_parameters()}
+        with torch.autocast(self.relative_coords_table.device.type, enabled=False):
+            table = torch.func.functional_call(self.cpb_mlp, weights, (self.relative_coords_table.to(dtype),))
+        # elementwise: the same before or after the gather
+        return (16 * torch.sigmoid(table.view(-1, self.num_heads))).to(weight_dtype)
 
     def relative_position_bias(self) -> torch.Tensor:
         n = self.window_size[0] * self.window_size[1]

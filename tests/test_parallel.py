@@ -232,3 +232,26 @@ def test_ddp_uses_a_static_graph_where_valid(tmp_path, accumulation, compile_, s
         assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and ddp.static_graph == static
     finally:
         dist.destroy_process_group()
+
+
+V2_OPTS = ['MODEL.TYPE', 'swinv2', 'MODEL.NAME', 'tiny', 'MODEL.SWINV2.EMBED_DIM', '16', 'MODEL.SWINV2.DEPTHS', '[2, 2]',
+           'MODEL.SWINV2.NUM_HEADS', '[2, 4]', 'MODEL.SWINV2.WINDOW_SIZE', '4',
+           'MODEL.SWINV2.PRETRAINED_WINDOW_SIZES', '[2, 2]']
+
+
+def test_bf16_fsdp_trains_like_bf16_ddp_for_v1_and_v2(cfg_file, tmp_path):
+    """Under AMP, fsdp gathers bf16 weights and here also reduces in bf16, where ddp keeps fp32
+    weights under autocast: close, not equal. V2's bias MLP must still run in fp32."""
+    procs = {}
+    for model, extra in (('v1', []), ('v2', V2_OPTS)):
+        for kind in ('ddp', 'fsdp'):
+            procs[model, kind] = _start(cfg_file, tmp_path / f'{model}_{kind}', 2, 'TRAIN.PARALLEL', kind,
+                                        'TRAIN.EPOCHS', '1', 'AMP_ENABLE', 'True', 'AMP_DTYPE', 'bf16',
+                                        'TRAIN.FSDP.REDUCE_DTYPE', 'bf16', *extra)
+    _ok(collect(procs, timeout=400))
+    for model in ('v1', 'v2'):
+        (want,), (got,) = (_metrics(tmp_path / f'{model}_{kind}' / 'tiny' / 'default') for kind in ('ddp', 'fsdp'))
+        assert got['train_loss'] == pytest.approx(want['train_loss'], rel=2e-3), model
+        assert got['val_loss'] == pytest.approx(want['val_loss'], rel=2e-3), model
+        log = (tmp_path / f'{model}_fsdp' / 'tiny' / 'default' / 'log_rank0.txt').read_text()
+        assert 'gathered in torch.bfloat16, gradients reduced in bf16' in log
