@@ -53,6 +53,14 @@ def best_name(sharded: bool = False) -> str:
     return BEST_FOLDER if sharded else BEST_FILE
 
 
+def remove_other_best(folder: str, sharded: bool) -> None:
+    """After a new best in one format, drop a best of the other format that an earlier run
+    in this folder (with another TRAIN.PARALLEL) left, so only one best remains."""
+    other = os.path.join(folder, best_name(not sharded))
+    if os.path.exists(other):
+        remove_checkpoint(other)
+
+
 def _fsync_dir(folder: str) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -65,6 +73,7 @@ def _fsync_dir(folder: str) -> None:
 
 
 TMP_MARK = '.tmp-'  # temporary files are '<final name>.tmp-<pid>'
+SET_ASIDE = TMP_MARK + 'old'  # a folder being replaced, for an instant
 
 
 def error_line(e: BaseException) -> str:
@@ -113,7 +122,7 @@ def replace_folder(tmp: str, path: str) -> None:
     """Rename the finished folder `tmp` to `path`. A folder cannot be renamed over another,
     so an existing `path` is first renamed to a temporary name (auto-resume then falls back
     to the previous checkpoint for that instant) and deleted afterwards."""
-    old = f'{path}{TMP_MARK}old'
+    old = path + SET_ASIDE
     if os.path.exists(path):
         if os.path.exists(old):
             shutil.rmtree(old)
@@ -168,8 +177,12 @@ def atomic_link(src: str, dst: str) -> None:
 
 def remove_stale_temporaries(folder: str) -> list[str]:
     """Temporary files and folders left by a process killed while writing (never a
-    finished checkpoint)."""
+    finished checkpoint). A folder that `replace_folder` had set aside when the kill came
+    is put back instead, if its replacement had not arrived."""
     removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.endswith(SET_ASIDE) and not os.path.exists(os.path.join(folder, name[:-len(SET_ASIDE)])):
+            os.replace(os.path.join(folder, name), os.path.join(folder, name[:-len(SET_ASIDE)]))
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         if TMP_MARK in name:
             remove_checkpoint(os.path.join(folder, name))

@@ -43,9 +43,11 @@ def _launched_by_torchrun() -> bool:
     return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
 
 
-def init_distributed(group_of_one: bool = False) -> DistContext:
+def init_distributed(group_of_one: bool = False, cpu_collectives: bool = False) -> DistContext:
     """Join the launcher's process group, or run as a single process: without a group, or
-    with `group_of_one` in a group of just this process (FSDP shards over a group)."""
+    with `group_of_one` in a group of just this process (FSDP shards over a group).
+    `cpu_collectives`: CUDA runs also reduce CPU tensors (gloo beside nccl), as FSDP's
+    CPU offload needs for its gradient norm."""
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
@@ -59,10 +61,9 @@ def init_distributed(group_of_one: bool = False) -> DistContext:
         if not group_of_one:
             return DistContext(0, 1, 0, device)
         if not dist.is_initialized():
-            dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', store=dist.HashStore(),
-                                    rank=0, world_size=1)
+            dist.init_process_group(_backend(device, cpu_collectives), store=dist.HashStore(), rank=0, world_size=1)
     elif not dist.is_initialized():
-        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        backend = _backend(device, cpu_collectives)
         kwargs = {'device_id': device} if device.type == 'cuda' else {}
         store, rank, world_size = next(dist.rendezvous('env://'))
         # Keys of this attempt only: after torchrun restarts a group, a store still holding
@@ -72,6 +73,12 @@ def init_distributed(group_of_one: bool = False) -> DistContext:
                                 rank=rank, world_size=world_size, **kwargs)
     control = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else None
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, control)
+
+
+def _backend(device: torch.device, cpu_collectives: bool) -> str:
+    if device.type != 'cuda':
+        return 'gloo'
+    return 'cuda:nccl,cpu:gloo' if cpu_collectives else 'nccl'
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device,

@@ -140,7 +140,7 @@ class NonFiniteGuard:
         self.reported = 0
 
     def step(self, optimizer: torch.optim.Optimizer, scaler, grad_norm: torch.Tensor, update: int) -> None:
-        bad = ~torch.isfinite(grad_norm)
+        bad = ~torch.isfinite(grad_norm.to(self.total.device))  # CPU-offloaded shards give a CPU norm
         self.total += bad
         self.consecutive = (self.consecutive + 1) * bad
         self.last_update = torch.where(bad, torch.full_like(self.last_update, update), self.last_update)
@@ -149,7 +149,7 @@ class NonFiniteGuard:
             scaler.step(optimizer)
             scaler.update()
         elif kernel.defaults.get('fused'):
-            kernel.found_inf = bad.float()
+            kernel.found_inf = bad.float().to(kernel.param_groups[0]['params'][0].device)
             optimizer.step()
             del kernel.found_inf
         elif not bad.item():  # other kernels cannot skip on the device
@@ -318,6 +318,8 @@ def validate(config, model: nn.Module, loader, prep, device: torch.device, amp_d
 def _score(config, model: nn.Module, loader, prep, device: torch.device, amp_dtype: Optional[torch.dtype],
            logger: logging.Logger, lockstep: bool) -> dict[str, float]:
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
+    # agreed before any forward: a collective after the loop would meet other ranks' gathers
+    rounds = max_over_ranks(len(loader)) if lockstep else len(loader)
     start = time.perf_counter()
     for step, (images, targets) in enumerate(DevicePrefetcher(loader, prep)):
         with autocast_context(amp_dtype, device):
@@ -329,12 +331,10 @@ def _score(config, model: nn.Module, loader, prep, device: torch.device, amp_dty
                              torch.full((), targets.shape[0], dtype=torch.float64, device=device)])
         if (step + 1) % config.PRINT_FREQ == 0:
             logger.info(f'Test: [{step + 1}/{len(loader)}]')
-    if lockstep:
-        size = config.DATA.IMG_SIZE
-        blank = torch.zeros(1, 3, size, size, device=device)
-        for _ in range(max_over_ranks(len(loader)) - len(loader)):
-            with autocast_context(amp_dtype, device):
-                model(blank)
+    blank = torch.zeros(1, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
+    for _ in range(rounds - len(loader)):
+        with autocast_context(amp_dtype, device):
+            model(blank)
     all_reduce_sum(sums)
     loss, correct1, correct5, seen = sums.tolist()
     return {'acc1': 100.0 * correct1 / max(seen, 1), 'acc5': 100.0 * correct5 / max(seen, 1),

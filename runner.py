@@ -39,8 +39,8 @@ def run(config) -> int:
     lock = None
     try:
         check_supported(config)
-        ctx = init_distributed(group_of_one=config.TRAIN.PARALLEL == 'fsdp' and not config.EVAL_MODE
-                               and not config.THROUGHPUT_MODE)
+        sharding = config.TRAIN.PARALLEL == 'fsdp' and not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+        ctx = init_distributed(group_of_one=sharding, cpu_collectives=sharding and config.TRAIN.FSDP.CPU_OFFLOAD)
         _check_output_writable(config.OUTPUT)
         lock = _claim_output(config.OUTPUT) if ctx.is_main else None
         code = _run(config, ctx)

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -29,6 +30,8 @@ from distributed import DistContext, broadcast_object
 META_FILE = 'meta.pt'
 SHARDED = 'sharded_checkpoint'  # read_checkpoint's key naming the folder the tensors are in
 TMP_SUFFIX = ckpt.TMP_MARK + 'shards'  # the same name on every rank
+# DCP raises CheckpointException (a BaseException, not an Exception) for a failure on any rank
+DCP_ERRORS = (Exception, CheckpointException)
 
 
 def is_sharded_checkpoint(path: str) -> bool:
@@ -48,7 +51,7 @@ def save(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, me
         model_state, optim_state = get_state_dict(model, [optimizer])
         try:
             dcp.save({'model': model_state, 'optimizer': optim_state}, checkpoint_id=tmp)
-        except Exception as e:  # DCP gathers every rank's failure and raises it on all
+        except DCP_ERRORS as e:  # DCP gathers every rank's failure and raises it on all
             error = ckpt.error_line(e)
         if ctx.is_main and error is None:
             error = _try(lambda: _publish(tmp, path, meta))
@@ -60,7 +63,7 @@ def save(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, me
 def _try(action) -> Optional[str]:
     try:
         action()
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
         return ckpt.error_line(e)
     return None
 
@@ -101,9 +104,12 @@ def read_full_state(path: str, prefix: str = 'model') -> dict[str, torch.Tensor]
              for name, item in _saved_tensors(path, prefix).items()}
     if not state:
         raise ckpt.CheckpointError(f"the sharded checkpoint '{path}' holds no '{prefix}' tensors")
-    with warnings.catch_warnings():  # DCP warns that no process group is used: intended here
-        warnings.simplefilter('ignore', UserWarning)
-        dcp.load({prefix: state}, checkpoint_id=path, no_dist=True)
+    try:
+        with warnings.catch_warnings():  # DCP warns that no process group is used: intended here
+            warnings.simplefilter('ignore', UserWarning)
+            dcp.load({prefix: state}, checkpoint_id=path, no_dist=True)
+    except DCP_ERRORS as e:  # a shard file missing or torn
+        raise ckpt.CheckpointError(f"cannot read the sharded checkpoint '{path}': {ckpt.error_line(e)}") from None
     return state
 
 
@@ -117,7 +123,7 @@ def load_training_state(path: str, model: torch.nn.Module, optimizer: torch.opti
                              'optimizer': optim_state}
     try:
         dcp.load(state, checkpoint_id=path)
-    except Exception as e:
+    except DCP_ERRORS as e:
         raise ckpt.CheckpointError(f"the optimizer state in '{path}' does not fit this run "
                                    f"({ckpt.error_line(e)}); TRAIN.OPTIMIZER and TRAIN.LAYER_DECAY must be "
                                    f"the checkpoint's") from None

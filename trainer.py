@@ -435,6 +435,7 @@ def _save_epoch(run: Run, record: dict, ranks: list, save_epoch: bool, improved:
     build = lambda: _state(run, epoch, record['updates'], ranks)  # noqa: E731
     if not save_epoch:
         _write(run, best, build)
+        _on_every_rank(run.ctx, lambda: ckpt.remove_other_best(config.OUTPUT, run.sharded))
         logger.info(f'saved {best} (top-1 {run.max_accuracy:.2f}%)')
         return
     path = os.path.join(config.OUTPUT, ckpt.epoch_checkpoint_name(epoch, run.sharded))
@@ -446,6 +447,7 @@ def _save_epoch(run: Run, record: dict, ranks: list, save_epoch: bool, improved:
         logger.info(f'saved {path}')
         if improved:
             ckpt.atomic_link(path, best)
+            ckpt.remove_other_best(config.OUTPUT, run.sharded)
             logger.info(f'saved {best} (top-1 {run.max_accuracy:.2f}%)')
         for old in ckpt.prune_checkpoints(config.OUTPUT, config.SAVE_KEEP_LAST, epoch):
             logger.info(f'removed {old} (SAVE_KEEP_LAST {config.SAVE_KEEP_LAST})')

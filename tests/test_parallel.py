@@ -188,6 +188,18 @@ def test_interrupted_sharded_write_is_removed_and_old_folder_kept(tmp_path):
     ckpt.replace_folder(str(new), str(old))
     assert (old / 'meta.pt').read_bytes() == b'new' and sorted(os.listdir(tmp_path)) == ['best.dcp']
 
+    # killed between setting the old folder aside and renaming the new one in: the old one
+    # comes back at the next start, the half-published new one goes
+    os.replace(old, str(old) + ckpt.SET_ASIDE)
+    (tmp_path / ('best.dcp' + sharded_checkpoint.TMP_SUFFIX)).mkdir()
+    ckpt.remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ['best.dcp'] and (old / 'meta.pt').read_bytes() == b'new'
+
+    # a new best in one format removes the other format's best an earlier run left
+    (tmp_path / 'best.pth').write_bytes(b'ddp run')
+    ckpt.remove_other_best(str(tmp_path), sharded=True)
+    assert sorted(os.listdir(tmp_path)) == ['best.dcp']
+
 
 @pytest.mark.parametrize('opts, message', [
     (['TRAIN.EMA.ENABLE', 'True'], 'TRAIN.EMA is not supported with TRAIN.PARALLEL fsdp'),
@@ -255,3 +267,37 @@ def test_bf16_fsdp_trains_like_bf16_ddp_for_v1_and_v2(cfg_file, tmp_path):
         assert got['val_loss'] == pytest.approx(want['val_loss'], rel=2e-3), model
         log = (tmp_path / f'{model}_fsdp' / 'tiny' / 'default' / 'log_rank0.txt').read_text()
         assert 'gathered in torch.bfloat16, gradients reduced in bf16' in log
+
+
+def test_sgd_under_fsdp_with_uneven_validation_shards(cfg_file, tmp_path):
+    """Batches of 10: the 21 validation images split 11 / 10, so one rank validates 2
+    batches and the other 1 (it runs a throw-away forward so the gathers pair up). SGD's
+    fused kernel has no sharded version; the multi-tensor one runs."""
+    uneven = ['--batch-size', '10', '--accumulation-steps', '1']
+    procs = {kind: _start(cfg_file, tmp_path / kind, 2, 'TRAIN.PARALLEL', kind, 'TRAIN.OPTIMIZER.NAME', 'sgd',
+                          'TRAIN.EPOCHS', '1', args=uneven) for kind in ('ddp', 'fsdp')}
+    _ok(collect(procs, timeout=300))
+    (want,), (got,) = (_metrics(tmp_path / kind / 'tiny' / 'default') for kind in ('ddp', 'fsdp'))
+    assert got['n_images'] == 3 * N_VAL and got['acc1'] == want['acc1']
+    assert got['train_loss'] == pytest.approx(want['train_loss'], rel=1e-5)
+    assert got['val_loss'] == pytest.approx(want['val_loss'], rel=1e-4)
+
+
+def test_unfit_or_damaged_sharded_checkpoints_are_one_line_errors(runs, cfg_file, tmp_path, capsys):
+    from tools import consolidate_checkpoint
+    source = runs['fsdp'] / 'ckpt_epoch_1.dcp'
+    (tmp_path / 'other').mkdir()
+    procs = {'other grouping': _start(cfg_file, tmp_path / 'other', 0, 'TRAIN.PARALLEL', 'fsdp',
+                                      'TRAIN.LAYER_DECAY', '0.9', 'TRAIN.EPOCHS', '3', args=['--resume', str(source)])}
+    (code, _, err), = collect(procs, timeout=300).values()
+    assert code == 2 and 'Traceback' not in err, err[-2000:]
+    assert len(err.strip().splitlines()) == 1 and 'does not fit this run' in err
+
+    import shutil
+    damaged = tmp_path / 'damaged.dcp'
+    shutil.copytree(source, damaged)
+    os.remove(damaged / '__0_0.distcp')
+    assert consolidate_checkpoint.main(['--checkpoint', str(damaged), '--output', str(tmp_path / 'x.pth')]) == 2
+    err = capsys.readouterr().err
+    assert 'cannot read the sharded checkpoint' in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / 'x.pth').exists()
