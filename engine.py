@@ -331,10 +331,9 @@ def _score(config, model: nn.Module, loader, prep, device: torch.device, amp_dty
                              torch.full((), targets.shape[0], dtype=torch.float64, device=device)])
         if (step + 1) % config.PRINT_FREQ == 0:
             logger.info(f'Test: [{step + 1}/{len(loader)}]')
-    blank = torch.zeros(1, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
     for _ in range(rounds - len(loader)):
         with autocast_context(amp_dtype, device):
-            model(blank)
+            model(torch.zeros(1, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device))
     all_reduce_sum(sums)
     loss, correct1, correct5, seen = sums.tolist()
     return {'acc1': 100.0 * correct1 / max(seen, 1), 'acc5': 100.0 * correct5 / max(seen, 1),
