@@ -132,17 +132,23 @@ def test_sharded_run_resumes_with_1_and_3_processes_and_as_ddp(runs, cfg_file, t
     assert 'the setup changed' in (tmp_path / 'three' / 'tiny' / 'default' / 'log_rank0.txt').read_text()
 
 
-def test_ddp_checkpoint_continues_as_fsdp_like_ddp(runs, cfg_file, tmp_path):
-    """A file checkpoint into a sharded run: the third epoch equals DDP's own continuation."""
-    procs = {kind: _start(cfg_file, tmp_path / kind, 2, 'TRAIN.PARALLEL', kind, 'TRAIN.EPOCHS', '3',
-                          args=['--resume', str(runs['ddp'] / 'ckpt_epoch_1.pth')]) for kind in ('ddp', 'fsdp')}
+def _fsdp_against_ddp(cfg, tmp_path, epoch: int, *opts, args=(), rel: float = 1e-4) -> None:
+    """The same run as ddp and fsdp (2 processes each): equal loss, weights within 1e-4."""
+    procs = {kind: _start(cfg, tmp_path / kind, 2, 'TRAIN.PARALLEL', kind, *opts, args=list(args))
+             for kind in ('ddp', 'fsdp')}
     _ok(collect(procs, timeout=400))
     ddp, fsdp = (tmp_path / kind / 'tiny' / 'default' for kind in ('ddp', 'fsdp'))
     (want,), (got,) = _metrics(ddp), _metrics(fsdp)
-    assert got['train_loss'] == pytest.approx(want['train_loss'], rel=1e-4)
-    expected = _weights(ddp / 'ckpt_epoch_2.pth')
-    for key, tensor in _weights(fsdp / 'ckpt_epoch_2.dcp').items():
+    assert got['train_loss'] == pytest.approx(want['train_loss'], rel=rel)
+    expected = _weights(ddp / f'ckpt_epoch_{epoch}.pth')
+    for key, tensor in _weights(fsdp / f'ckpt_epoch_{epoch}.dcp').items():
         torch.testing.assert_close(tensor, expected[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_ddp_checkpoint_continues_as_fsdp_like_ddp(runs, cfg_file, tmp_path):
+    """A file checkpoint into a sharded run: the third epoch equals DDP's own continuation."""
+    _fsdp_against_ddp(cfg_file, tmp_path, 2, 'TRAIN.EPOCHS', '3',
+                      args=['--resume', str(runs['ddp'] / 'ckpt_epoch_1.pth')])
 
 
 def test_consolidated_file_loads_into_the_plain_model_with_equal_outputs(runs, cfg_file, tmp_path, capsys):
@@ -217,15 +223,7 @@ def test_unsupported_combinations_are_one_line_errors(cfg_file, tmp_path, capsys
 def test_lamb_under_fsdp_trains_like_ddp(cfg_file, tmp_path):
     """LAMB's trust ratio needs each weight's whole norm: over FSDP shards (DTensors) it
     must equal the replicated run's."""
-    procs = {kind: _start(cfg_file, tmp_path / kind, 2, 'TRAIN.PARALLEL', kind, 'TRAIN.OPTIMIZER.NAME', 'lamb',
-                          'TRAIN.EPOCHS', '1') for kind in ('ddp', 'fsdp')}
-    _ok(collect(procs, timeout=400))
-    ddp, fsdp = (tmp_path / kind / 'tiny' / 'default' for kind in ('ddp', 'fsdp'))
-    (want,), (got,) = _metrics(ddp), _metrics(fsdp)
-    assert got['train_loss'] == pytest.approx(want['train_loss'], rel=1e-5)
-    expected = _weights(ddp / 'ckpt_epoch_0.pth')
-    for key, tensor in _weights(fsdp / 'ckpt_epoch_0.dcp').items():
-        torch.testing.assert_close(tensor, expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    _fsdp_against_ddp(cfg_file, tmp_path, 0, 'TRAIN.OPTIMIZER.NAME', 'lamb', 'TRAIN.EPOCHS', '1', rel=1e-5)
 
 
 @pytest.mark.parametrize('accumulation, compile_, static', [(1, False, True), (2, False, False), (1, True, False)])
