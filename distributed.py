@@ -116,8 +116,9 @@ def max_over_ranks(value: int) -> int:
     """The largest `value` of all ranks (`value` itself for one process)."""
     if not _active():
         return value
+    on_gpu = dist.get_backend() == 'nccl'  # nccl reduces CUDA tensors only
     box = torch.tensor([value], dtype=torch.int64,
-                       device=torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else None)
+                       device=torch.device('cuda', torch.cuda.current_device()) if on_gpu else None)
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
     return int(box.item())
 

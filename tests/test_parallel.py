@@ -244,8 +244,8 @@ def test_ddp_uses_a_static_graph_where_valid(tmp_path, accumulation, compile_, s
         dist.destroy_process_group()
 
 
-V2_OPTS = ['MODEL.TYPE', 'swinv2', 'MODEL.NAME', 'tiny', 'MODEL.SWINV2.EMBED_DIM', '16', 'MODEL.SWINV2.DEPTHS', '[2, 2]',
-           'MODEL.SWINV2.NUM_HEADS', '[2, 4]', 'MODEL.SWINV2.WINDOW_SIZE', '4',
+V2_OPTS = ['MODEL.TYPE', 'swinv2', 'MODEL.NAME', 'tiny', 'MODEL.SWINV2.EMBED_DIM', '16',
+           'MODEL.SWINV2.DEPTHS', '[2, 2]', 'MODEL.SWINV2.NUM_HEADS', '[2, 4]', 'MODEL.SWINV2.WINDOW_SIZE', '4',
            'MODEL.SWINV2.PRETRAINED_WINDOW_SIZES', '[2, 2]']
 
 

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.ema:
-            raise ToolError('sharded checkpoints hold no EMA weights (TRAIN.EMA is not used with fsdp); leave out --ema')
+            raise ToolError('sharded checkpoints hold no EMA weights (TRAIN.EMA is not used with fsdp); '
+                            'leave out --ema')
         state = consolidate(args.checkpoint, args.output, args.cfg)
     except USER_ERRORS + (OutputError,) as e:
         print(f'error: {e}', file=sys.stderr)
