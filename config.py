@@ -149,9 +149,10 @@ _C.TRAIN.LR_SCALING = 'linear'
 # checkpoints are torch.distributed.checkpoint folders)
 _C.TRAIN.PARALLEL = 'ddp'
 _C.TRAIN.FSDP = CN()
-# Gradients are reduced in this dtype: 'fp32', or 'bf16' (half the traffic). Parameters are
-# gathered in AMP_DTYPE when AMP is on; the optimizer always updates fp32 master weights.
-_C.TRAIN.FSDP.REDUCE_DTYPE = 'fp32'
+# Gradients are reduced in this dtype: 'amp' (AMP_DTYPE when AMP is on, i.e. bf16, else
+# fp32), 'fp32' or 'bf16' (half the traffic of fp32). Parameters are gathered in AMP_DTYPE
+# when AMP is on; the optimizer always updates fp32 master weights.
+_C.TRAIN.FSDP.REDUCE_DTYPE = 'amp'
 # Keep the sharded parameters, gradients and optimizer state in CPU memory
 _C.TRAIN.FSDP.CPU_OFFLOAD = False
 # Free each block's gathered parameters after its forward (less memory, one more gather in backward)
@@ -287,7 +288,7 @@ CACHE_MODES = ('no', 'part', 'full')
 AMP_DTYPES = ('bf16', 'fp16')
 LR_SCALINGS = ('linear', 'sqrt', 'none')
 PARALLELS = ('ddp', 'zero', 'fsdp')
-REDUCE_DTYPES = ('fp32', 'bf16')
+REDUCE_DTYPES = ('amp', 'fp32', 'bf16')
 PREPARED_DATASETS = ('', 'digits')
 DATASETS = ('imagenet', 'imagenet22k', 'synthetic')
 INTERPOLATIONS = ('bicubic', 'bilinear', 'random', 'nearest', 'lanczos', 'hamming', 'box')

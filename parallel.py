@@ -7,7 +7,8 @@
   patch merging, final norm, head) in the root unit. Parameters, gradients and optimizer
   state are sharded; a block's parameters are gathered just before it runs. Under AMP they
   are gathered in the AMP dtype (the optimizer keeps fp32 master shards), and gradients are
-  reduced in TRAIN.FSDP.REDUCE_DTYPE.
+  reduced in TRAIN.FSDP.REDUCE_DTYPE (by default the AMP dtype: bf16 weights and reductions,
+  fp32 master weights; fp32 throughout without AMP).
 
 All three train the same function: on the same data they give the same updates up to
 floating-point summation order (tests/test_parallel.py).
@@ -28,6 +29,12 @@ from config import ConfigError
 from distributed import DistContext, wrap_ddp
 
 REDUCE_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+
+
+def reduce_dtype(config, amp_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """TRAIN.FSDP.REDUCE_DTYPE as a dtype: 'amp' follows the AMP dtype (fp32 without AMP)."""
+    name = config.TRAIN.FSDP.REDUCE_DTYPE
+    return (amp_dtype or torch.float32) if name == 'amp' else REDUCE_DTYPES[name]
 
 
 def check_supported(config) -> None:
@@ -61,7 +68,7 @@ def shard_model(model: nn.Module, config, amp_dtype: Optional[torch.dtype], offl
         for tensor in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(tensor, src=0)
     fsdp = config.TRAIN.FSDP
-    options = {'mp_policy': MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=REDUCE_DTYPES[fsdp.REDUCE_DTYPE]),
+    options = {'mp_policy': MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=reduce_dtype(config, amp_dtype)),
                'reshard_after_forward': fsdp.RESHARD_AFTER_FORWARD}
     if offload:
         options['offload_policy'] = CPUOffloadPolicy()

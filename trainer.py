@@ -101,7 +101,7 @@ def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, p
         parallel.shard_model(model, config, amp_dtype, offload)
         logger.info(f'FSDP: parameters, gradients and optimizer state sharded over {ctx.world_size} process(es), '
                     f'one unit per Swin block; gathered in {amp_dtype or torch.float32}, gradients reduced in '
-                    f'{config.TRAIN.FSDP.REDUCE_DTYPE}' + (', shards kept in CPU memory' if offload else ''))
+                    f'{parallel.reduce_dtype(config, amp_dtype)}' + (', shards kept in CPU memory' if offload else ''))
         if config.TRAIN.FSDP.CPU_OFFLOAD and not offload:
             logger.info('TRAIN.FSDP.CPU_OFFLOAD has nothing to do: this run is on the CPU already')
     optimizer = parallel.shard_optimizer(build_optimizer(config, model), config, ctx)

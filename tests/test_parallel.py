@@ -250,21 +250,21 @@ V2_OPTS = ['MODEL.TYPE', 'swinv2', 'MODEL.NAME', 'tiny', 'MODEL.SWINV2.EMBED_DIM
 
 
 def test_bf16_fsdp_trains_like_bf16_ddp_for_v1_and_v2(cfg_file, tmp_path):
-    """Under AMP, fsdp gathers bf16 weights and here also reduces in bf16, where ddp keeps fp32
-    weights under autocast: close, not equal. V2's bias MLP must still run in fp32."""
+    """Under AMP, fsdp gathers bf16 weights and by default reduces in bf16, where ddp keeps
+    fp32 weights under autocast: close, not equal. V2's bias MLP must still run in fp32."""
     procs = {}
     for model, extra in (('v1', []), ('v2', V2_OPTS)):
         for kind in ('ddp', 'fsdp'):
             procs[model, kind] = _start(cfg_file, tmp_path / f'{model}_{kind}', 2, 'TRAIN.PARALLEL', kind,
                                         'TRAIN.EPOCHS', '1', 'AMP_ENABLE', 'True', 'AMP_DTYPE', 'bf16',
-                                        'TRAIN.FSDP.REDUCE_DTYPE', 'bf16', *extra)
+                                        *extra)  # REDUCE_DTYPE 'amp' (default): bf16
     _ok(collect(procs, timeout=400))
     for model in ('v1', 'v2'):
         (want,), (got,) = (_metrics(tmp_path / f'{model}_{kind}' / 'tiny' / 'default') for kind in ('ddp', 'fsdp'))
         assert got['train_loss'] == pytest.approx(want['train_loss'], rel=2e-3), model
         assert got['val_loss'] == pytest.approx(want['val_loss'], rel=2e-3), model
         log = (tmp_path / f'{model}_fsdp' / 'tiny' / 'default' / 'log_rank0.txt').read_text()
-        assert 'gathered in torch.bfloat16, gradients reduced in bf16' in log
+        assert 'gathered in torch.bfloat16, gradients reduced in torch.bfloat16' in log
 
 
 def test_sgd_under_fsdp_with_uneven_validation_shards(cfg_file, tmp_path):
