@@ -299,3 +299,26 @@ def test_unfit_or_damaged_sharded_checkpoints_are_one_line_errors(runs, cfg_file
     err = capsys.readouterr().err
     assert 'cannot read the sharded checkpoint' in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / 'x.pth').exists()
+
+
+def test_fsdp_run_stopped_mid_epoch_resumes_bit_for_bit(cfg_file, tmp_path, monkeypatch):
+    """A stop signal inside epoch 1 of an fsdp run (one process, a group of one) writes a
+    sharded mid-epoch checkpoint; resuming it ends equal to the uninterrupted run."""
+    from test_resilience import RANDOMNESS, _stop_at
+    import preemption
+    opts = ['TRAIN.PARALLEL', 'fsdp', 'TRAIN.EPOCHS', '2', 'SAVE_STEP_FREQ', '4', *RANDOMNESS]
+
+    def run(out):
+        return main.main(['--cfg', cfg_file, '--output', str(out), '--opts', *opts])
+    assert run(tmp_path / 'whole') == 0
+    with monkeypatch.context() as m:
+        _stop_at(m, 9)  # update 8, inside epoch 1 (6 updates per epoch)
+        assert run(tmp_path / 'cut') == preemption.EXIT_PREEMPTED
+    cut = tmp_path / 'cut' / 'tiny' / 'default'
+    assert (cut / 'latest').read_text().strip() == 'ckpt_step_8.dcp' and (cut / 'ckpt_step_8.dcp').is_dir()
+    assert run(tmp_path / 'cut') == 0
+    assert not torch.distributed.is_initialized()  # the group of one is shut down again
+    whole = _weights(tmp_path / 'whole' / 'tiny' / 'default' / 'ckpt_epoch_1.dcp')
+    for key, value in _weights(cut / 'ckpt_epoch_1.dcp').items():
+        assert torch.equal(value, whole[key]), key
+    assert not list(cut.glob('ckpt_step_*'))
