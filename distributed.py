@@ -112,13 +112,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def max_over_ranks(value: int) -> int:
-    """The largest `value` of all ranks (`value` itself for one process)."""
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest `value` of all ranks (`value` itself for one process); `device` is the
+    run's, where the backend reduces."""
     if not _active():
         return value
-    on_gpu = dist.get_backend() == 'nccl'  # nccl reduces CUDA tensors only
-    box = torch.tensor([value], dtype=torch.int64,
-                       device=torch.device('cuda', torch.cuda.current_device()) if on_gpu else None)
+    box = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
     return int(box.item())
 

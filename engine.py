@@ -319,7 +319,7 @@ def _score(config, model: nn.Module, loader, prep, device: torch.device, amp_dty
            logger: logging.Logger, lockstep: bool) -> dict[str, float]:
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
     # agreed before any forward: a collective after the loop would meet other ranks' gathers
-    rounds = max_over_ranks(len(loader)) if lockstep else len(loader)
+    rounds = max_over_ranks(len(loader), device) if lockstep else len(loader)
     start = time.perf_counter()
     for step, (images, targets) in enumerate(DevicePrefetcher(loader, prep)):
         with autocast_context(amp_dtype, device):

@@ -28,13 +28,13 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from config import ConfigError
 from distributed import DistContext, wrap_ddp
 
-REDUCE_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 
 
 def reduce_dtype(config, amp_dtype: Optional[torch.dtype]) -> torch.dtype:
     """TRAIN.FSDP.REDUCE_DTYPE as a dtype: 'amp' follows the AMP dtype (fp32 without AMP)."""
     name = config.TRAIN.FSDP.REDUCE_DTYPE
-    return (amp_dtype or torch.float32) if name == 'amp' else REDUCE_DTYPES[name]
+    return (amp_dtype or torch.float32) if name == 'amp' else _DTYPES[name]
 
 
 def check_supported(config) -> None:
@@ -104,15 +104,20 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, config, ctx: DistContext) 
     return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer), **settings)
 
 
+def is_zero(optimizer: torch.optim.Optimizer) -> bool:
+    """The optimizer state is split over the ranks (TRAIN.PARALLEL zero, distributed)."""
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
 def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer that runs the kernel: ZeRO's per-rank one, else `optimizer`."""
-    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+    return optimizer.optim if is_zero(optimizer) else optimizer
 
 
 def gather_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Every rank, before rank 0 reads `optimizer.state_dict()`: ZeRO collects the
     shards on rank 0 (a collective); other optimizers hold their whole state already."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
+    if is_zero(optimizer):
         optimizer.consolidate_state_dict(to=0)
 
 

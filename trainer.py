@@ -105,7 +105,7 @@ def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, p
         if config.TRAIN.FSDP.CPU_OFFLOAD and not offload:
             logger.info('TRAIN.FSDP.CPU_OFFLOAD has nothing to do: this run is on the CPU already')
     optimizer = parallel.shard_optimizer(build_optimizer(config, model), config, ctx)
-    if config.TRAIN.PARALLEL == 'zero' and ctx.distributed:
+    if parallel.is_zero(optimizer):
         logger.info(f'ZeRO: the optimizer state is sharded over {ctx.world_size} processes')
     for line in describe_param_groups(optimizer):
         logger.info(f'param group: {line}')
@@ -336,7 +336,7 @@ def _load_training_state(run: Run, state: dict, path: str, sharded: bool) -> Non
     optimizer = run.optimizer
     current = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
     if sharded:
-        if optimizer is not parallel.local_optimizer(optimizer):
+        if parallel.is_zero(optimizer):
             raise ckpt.CheckpointError(f"'{path}' is a sharded (fsdp) checkpoint; resume it with TRAIN.PARALLEL "
                                        f"fsdp or ddp, not zero")
         sharded_checkpoint.load_training_state(path, run.model, optimizer)
