@@ -20,6 +20,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from utils import (TMP_MARK, CheckpointError, OutputError, atomic_save, atomic_write, atomic_write_text,  # noqa: F401
+                   error_line, fsync_dir)
+
 EPOCH_FILE = re.compile(r'^ckpt_epoch_(\d+)\.(?:pth|dcp)$')
 STEP_FILE = re.compile(r'^ckpt_step_(\d+)\.(?:pth|dcp)$')  # mid-epoch, numbered by optimizer updates done
 BEST_FILE = 'best.pth'
@@ -27,14 +30,6 @@ BEST_FOLDER = 'best.dcp'
 LATEST_FILE = 'latest'  # names the newest checkpoint; rewritten only after it is in place
 # derived buffers the model rebuilds itself; a file may carry them or not (see the model)
 DERIVED_SUFFIXES = ('relative_position_index', 'attn_mask', 'relative_coords_table')
-
-
-class CheckpointError(ValueError):
-    """A checkpoint the user named (or the run found) cannot be used; one line."""
-
-
-class OutputError(ValueError):
-    """A file of the run (checkpoint, config, metrics) cannot be written; one line."""
 
 
 def _suffix(sharded: bool) -> str:
@@ -61,53 +56,7 @@ def remove_other_best(folder: str, sharded: bool) -> None:
         remove_checkpoint(other)
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-TMP_MARK = '.tmp-'  # temporary files are '<final name>.tmp-<pid>'
 SET_ASIDE = TMP_MARK + 'old'  # a folder being replaced, for an instant
-
-
-def error_line(e: BaseException) -> str:
-    """The first line of an exception, for a one-line message."""
-    text = getattr(e, 'strerror', None) or str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
-
-def _atomic_write(path: str, write) -> None:
-    """`write(file)` into a temporary file in the same folder, fsync, rename over `path`:
-    a crash or a full disk leaves the previous file intact, never a torn one, and no
-    temporary file behind (torch.save reports a full disk as RuntimeError)."""
-    tmp = f'{path}{TMP_MARK}{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        raise OutputError(f"cannot write '{path}': {error_line(e)}; the previous file is untouched") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save `obj` to `path` atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
 def remove_checkpoint(path: str) -> None:
@@ -128,7 +77,7 @@ def replace_folder(tmp: str, path: str) -> None:
             shutil.rmtree(old)
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
     if os.path.exists(old):
         shutil.rmtree(old)
 
@@ -167,12 +116,12 @@ def atomic_link(src: str, dst: str) -> None:
         os.replace(tmp, dst)
     except OSError:  # no hard links on this filesystem: copy
         with open(src, 'rb') as f:
-            _atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
+            atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
         return
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+    fsync_dir(os.path.dirname(os.path.abspath(dst)))
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:

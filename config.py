@@ -15,9 +15,7 @@ from typing import Any, Iterable
 import yaml
 from yacs.config import CfgNode as CN
 
-
-class ConfigError(ValueError):
-    """A mistake in the user's config or flags, reported as one line."""
+from utils import ConfigError
 
 
 _C = CN()

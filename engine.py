@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import resource
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -22,6 +20,7 @@ from data.prefetch import DevicePrefetcher
 from distributed import all_reduce_sum, max_over_ranks
 from metrics_log import MetricsLog
 from parallel import gradient_sync, is_sharded, local_optimizer
+from utils import DivergedError, peak_memory_mb, synchronize  # noqa: F401
 
 
 def resolve_amp_dtype(config, device: torch.device) -> tuple[Optional[torch.dtype], str]:
@@ -55,20 +54,6 @@ def build_criterion(config, mixup_active: bool) -> nn.Module:
     if config.MODEL.LABEL_SMOOTHING > 0:
         return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
     return nn.CrossEntropyLoss()
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so a timer measures it (a no-op on the CPU)."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak device memory allocated (CUDA) or peak resident memory of the process (CPU)."""
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2 ** 20 if sys.platform == 'darwin' else rss / 2 ** 10
 
 
 @dataclass
@@ -120,10 +105,6 @@ def _grad_norm(parameters: list[torch.Tensor], clip: Optional[float]) -> torch.T
     if clip:
         torch.nn.utils.clip_grads_with_norm_(parameters, clip, norm)
     return norm
-
-
-class DivergedError(RuntimeError):
-    """Training stopped after too many consecutive non-finite updates (exit code 3)."""
 
 
 class NonFiniteGuard:

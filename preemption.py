@@ -12,10 +12,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-# Exit codes of main.py, documented in the README
-EXIT_USER_ERROR = 2       # a mistake in flags, config, data, checkpoint or output folder
-EXIT_DIVERGED = 3         # too many consecutive non-finite updates; a checkpoint was written
-EXIT_PREEMPTED = 75       # stopped by a signal after writing a checkpoint: requeue to resume (EX_TEMPFAIL)
+from utils import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USER_ERROR  # noqa: F401
+
 STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, 'SIGUSR1', None)) if s is not None)
 
 

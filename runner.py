@@ -10,11 +10,8 @@ import copy
 import fcntl
 import os
 import platform
-import random
-import sys
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torchvision
@@ -22,16 +19,16 @@ import timm
 
 import checkpoint as ckpt
 import engine
-from config import ConfigError
-from data import DataError, DevicePreprocessor, build_loader
+from data import DevicePreprocessor, build_loader
 from distributed import DistContext, barrier, init_distributed, shutdown
 from logger import create_logger
 from metrics_log import MetricsLog
 from models import build_model
 from parallel import check_supported
-from preemption import EXIT_DIVERGED, EXIT_USER_ERROR
 from pretrained import fit_weights
-from trainer import USER_ERRORS, train
+from trainer import train
+from utils import (EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, ConfigError, DataError, DivergedError, atomic_write_text,
+                   report_error, seed_everything)
 
 
 def run(config) -> int:
@@ -44,16 +41,11 @@ def run(config) -> int:
         _check_output_writable(config.OUTPUT)
         lock = _claim_output(config.OUTPUT) if ctx.is_main else None
         code = _run(config, ctx)
-    except (USER_ERRORS + (engine.DivergedError,)) as e:
-        rank = int(os.environ.get('RANK', 0))
-        where = f' (rank {rank})' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else ''
-        # one write: under torchrun several ranks share the terminal, and print's separate
-        # write of the newline let two ranks' lines run together
-        sys.stderr.write(f'error{where}: {e}\n')
-        sys.stderr.flush()
+    except (USER_ERRORS + (DivergedError,)) as e:
+        report_error(str(e))
         # no orderly shutdown: peers may sit in a collective that would never finish (the
         # launcher stops them once this process exits)
-        return EXIT_DIVERGED if isinstance(e, engine.DivergedError) else EXIT_USER_ERROR
+        return EXIT_DIVERGED if isinstance(e, DivergedError) else EXIT_USER_ERROR
     finally:
         if lock is not None:
             lock.close()  # releases the flock
@@ -78,12 +70,6 @@ def _claim_output(folder: str):
     handle.write(f'{os.getpid()}\n')
     handle.flush()
     return handle
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _check_output_writable(folder: str) -> None:
@@ -115,7 +101,7 @@ def _prepare_builtin_data(config, ctx: DistContext, logger) -> None:
 
 def _write_config(config) -> None:
     path = os.path.join(config.OUTPUT, 'config.yaml')
-    ckpt.atomic_write_text(config.dump(), path)
+    atomic_write_text(config.dump(), path)
 
 
 def _log_environment(config, ctx: DistContext, logger, amp_note: str) -> None:

@@ -21,18 +21,16 @@ import checkpoint as ckpt
 import engine
 import parallel
 import sharded_checkpoint
-from config import ConfigError
-from data import DataError, DevicePreprocessor
+from utils import ConfigError
+from data import DevicePreprocessor
 from distributed import DistContext, broadcast_object, gather_objects
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from memory_report import estimate_memory, report_lines
 from metrics_log import MetricsLog
 from optimizer import build_optimizer, describe_param_groups
-from preemption import EXIT_PREEMPTED, StopRequest
+from preemption import StopRequest
 from pretrained import load_pretrained
-
-USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, ckpt.OutputError)
-
+from utils import EXIT_PREEMPTED, USER_ERRORS, DivergedError
 
 @dataclass
 class ResumePoint:
@@ -182,7 +180,7 @@ def _epochs(run: Run, parts, loader_train, loader_val, prep_val, amp_dtype, poin
             return EXIT_PREEMPTED
         if stats['stop'] == 'diverged':
             _save_mid_epoch(run, epoch, stats['steps_done'], stats['updates'], stats['loss_sum'])
-            raise engine.DivergedError(stats['message'])
+            raise DivergedError(stats['message'])
 
         scorer = run.model if run.eval_model is None else run.eval_model
         val = engine.validate(config, scorer, loader_val, prep_val, ctx.device, amp_dtype, logger)

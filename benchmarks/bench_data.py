@@ -61,7 +61,7 @@ from torchvision.transforms import InterpolationMode  # noqa: E402
 
 import config as config_module  # noqa: E402
 from data import DataError, DevicePreprocessor, build_loader  # noqa: E402
-from engine import synchronize  # noqa: E402
+from utils import synchronize  # noqa: E402
 from data.transforms import allow_zero_bit_posterize  # noqa: E402
 
 

@@ -32,7 +32,7 @@ import timm  # noqa: E402
 from timm.models.swin_transformer import checkpoint_filter_fn  # noqa: E402
 from timm.models.swin_transformer_v2 import checkpoint_filter_fn as checkpoint_filter_fn_v2  # noqa: E402
 
-from engine import synchronize  # noqa: E402
+from utils import synchronize  # noqa: E402
 from models.swin_transformer import SwinTransformer  # noqa: E402
 from models.swin_transformer_v2 import SwinTransformerV2  # noqa: E402
 

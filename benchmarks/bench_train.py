@@ -80,6 +80,7 @@ from lr_scheduler import build_scheduler  # noqa: E402
 from metrics_log import MetricsLog  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
+from utils import synchronize  # noqa: E402
 from bench_model import ARCHS, DEFAULT_SIZES, timm_twin  # noqa: E402
 
 MODES = ('eager_fp32', 'eager_bf16', 'compile_fp32', 'compile_bf16')
@@ -287,10 +288,10 @@ class Timm:
 
 
 def timed(device: torch.device, fn) -> float:
-    engine.synchronize(device)
+    synchronize(device)
     tic = time.perf_counter()
     fn()
-    engine.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - tic
 
 
@@ -307,7 +308,7 @@ def build_pair(args, mode: str, device: torch.device, batch: dict) -> dict:
     tic = time.perf_counter()
     for _ in range(args.warmup):
         ours.run(1)
-    engine.synchronize(device)
+    synchronize(device)
     built['ours'] = {'impl': ours, 'warmup_s': time.perf_counter() - tic, 'mem_mib': probe.mib(),
                      'batch': batch['ours']}
     probe = MemoryProbe(device)
@@ -315,7 +316,7 @@ def build_pair(args, mode: str, device: torch.device, batch: dict) -> dict:
     theirs = Timm(cfg_t, device, mode, timm_model(args, ours.model), args.clip_grad)
     tic = time.perf_counter()
     theirs.run(args.warmup)
-    engine.synchronize(device)
+    synchronize(device)
     built['timm'] = {'impl': theirs, 'warmup_s': time.perf_counter() - tic, 'mem_mib': probe.mib(),
                      'batch': batch['timm']}
     built['flops'] = ours.flops
@@ -381,7 +382,7 @@ def fits(args, impl: str, mode: str, device: torch.device, batch: int) -> bool:
         else:
             ours.run(1)
             ours.run(1)
-        engine.synchronize(device)
+        synchronize(device)
         return True
     except Exception as e:  # noqa: BLE001 - anything but running out of memory is a bug
         if not is_oom(e):

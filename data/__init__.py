@@ -4,6 +4,6 @@ from .build import build_loader, build_mixup
 from .decode import DecodeError
 from .device_prep import DevicePreprocessor
 from .prefetch import DevicePrefetcher
-from .sources import DataError
+from utils import DataError
 
 __all__ = ['build_loader', 'build_mixup', 'DevicePreprocessor', 'DevicePrefetcher', 'DataError', 'DecodeError']

@@ -16,7 +16,9 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from .decode import DecodeError
-from .sources import DataError, SampleTable, Source
+from utils import DataError
+
+from .sources import SampleTable, Source
 
 _EPOCH, _CORRUPT = 0, 1
 

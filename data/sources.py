@@ -19,22 +19,13 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from utils import DataError
+
 from .decode import DecodeError
 
 # torchvision's list, so the same files count as images
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 _CACHE_THREADS = 8  # file reads release the GIL
-
-
-class DataError(ValueError):
-    """A problem with the user's data, reported as one line naming the file."""
-
-    def __init__(self, message: str):
-        # A DataLoader re-raises a worker's exception as this type with the worker's whole
-        # traceback as its message; keep only the original line.
-        if message.startswith('Caught DataError'):
-            message = message.rstrip().splitlines()[-1].split('DataError: ', 1)[-1]
-        super().__init__(message)
 
 
 class SampleTable(Sequence):

@@ -20,18 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from checkpoint import CheckpointError, load_model_weights, model_state_dict, read_checkpoint  # noqa: E402
-from config import ConfigError, config_from_yaml_text, get_config  # noqa: E402
+from checkpoint import load_model_weights, model_state_dict, read_checkpoint  # noqa: E402
+from config import config_from_yaml_text, get_config  # noqa: E402
 from main import OneLineArgumentParser  # noqa: E402
 from models import build_model  # noqa: E402
-
-
-class ToolError(ValueError):
-    """A user mistake a tool found (a file, flag or device), reported as one line."""
-
-
-# what a tool reports as one `error:` line with exit code 2; anything else is a bug
-USER_ERRORS = (CheckpointError, ConfigError, ToolError)
+from utils import USER_ERRORS, ToolError  # noqa: E402,F401  (the tools import both from here)
 
 
 def tool_parser(description: str) -> argparse.ArgumentParser:
