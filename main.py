@@ -90,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     # heavy imports (torch, timm) only once the command line is known to be valid
-    import runner
+    from engine import runner
     return runner.run(config)
 
 

@@ -1,15 +1,15 @@
 """Training-step throughput: our engine against timm's recipe for the same Swin, in one process.
 
-"Ours" is the project's real training step: `engine.train_one_epoch` over a `TrainParts`
+"Ours" is the project's real training step: `loops.train_one_epoch` over a `TrainParts`
 built as `trainer.train()` builds it (`models.build_model`, `optimizer.build_optimizer`,
-`lr_scheduler.build_scheduler`, `engine.build_criterion`, `engine.NonFiniteGuard`,
+`lr_scheduler.build_scheduler`, `loops.build_criterion`, `loops.NonFiniteGuard`,
 `data.build_mixup`, `data.DevicePreprocessor`, a `MetricsLog` that writes nothing), from
 the official config (mixup 0.8 / cutmix 1.0, label smoothing 0.1, random erasing 0.25,
 TRAIN.CLIP_GRAD 5.0, AdamW). A loader-like iterable yields synthetic uint8 batches already
 on the device, so the real device preprocessing runs; one timed run is one
 `train_one_epoch` call of --steps micro-steps (it includes the engine's per-epoch work: a
 device sync, the loss all-reduce, the skip-counter read). Compile modes set TRAIN.COMPILE and
-hand the engine `engine.compile_model(...)` as `TrainParts.compiled`, as trainer.py does;
+hand the engine `loops.compile_model(...)` as `TrainParts.compiled`, as trainer.py does;
 timm's model gets `torch.compile(model)`.
 
 "timm" is what timm's `train.py` does per step with the same flags: the PrefetchLoader's
@@ -72,12 +72,12 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa
 from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import CosineLRScheduler  # noqa: E402
 
-import engine  # noqa: E402
+from engine import loops  # noqa: E402
 from config import get_config  # noqa: E402
 from data import DevicePreprocessor, build_loader  # noqa: E402
 from data.build import build_mixup  # noqa: E402
 from lr_scheduler import build_scheduler  # noqa: E402
-from metrics_log import MetricsLog  # noqa: E402
+from engine.metrics_log import MetricsLog  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
 from utils import synchronize  # noqa: E402
@@ -208,7 +208,7 @@ def synthetic_batch(config, device: torch.device, batch: int):
 # ----------------------------------------------------------------------------- the two steps
 
 class Ours:
-    """The project's training step: engine.train_one_epoch over TrainParts as trainer.train() builds them."""
+    """The project's training step: loops.train_one_epoch over TrainParts as trainer.train() builds them."""
 
     def __init__(self, config, device: torch.device, mode: str, steps_per_epoch: int, model=None):
         self.config, self.device = config, device
@@ -217,24 +217,24 @@ class Ours:
         compiling = mode.startswith('compile')
         handles = {'model': self.model}
         if compiling:  # the plain module plus a compiled handle, as trainer.py passes them
-            handles['compiled'] = engine.compile_model(self.model, config, LOG, 'model')
+            handles['compiled'] = loops.compile_model(self.model, config, LOG, 'model')
         optimizer = build_optimizer(config, self.model)
-        amp_dtype, _ = engine.resolve_amp_dtype(config, device)
+        amp_dtype, _ = loops.resolve_amp_dtype(config, device)
         mixup_fn = build_mixup(config)
-        self.parts = engine.TrainParts(
+        self.parts = loops.TrainParts(
             config=config, optimizer=optimizer,
             scheduler=build_scheduler(config, optimizer, steps_per_epoch),
-            scaler=engine.make_scaler(amp_dtype, device),
-            criterion=engine.build_criterion(config, mixup_fn is not None), mixup_fn=mixup_fn,
+            scaler=loops.make_scaler(amp_dtype, device),
+            criterion=loops.build_criterion(config, mixup_fn is not None), mixup_fn=mixup_fn,
             prep=DevicePreprocessor(config, device, is_train=True), device=device, amp_dtype=amp_dtype,
             world_size=1, logger=LOG, metrics=MetricsLog(tempfile.gettempdir(), enabled=False),
-            guard=engine.NonFiniteGuard(device, config.TRAIN.MAX_CONSECUTIVE_SKIPS), **handles)
+            guard=loops.NonFiniteGuard(device, config.TRAIN.MAX_CONSECUTIVE_SKIPS), **handles)
         self.epoch = 0
         self.data = synthetic_batch(config, device, config.DATA.BATCH_SIZE)
 
     def run(self, steps: int, loader=None) -> dict:
         loader = loader if loader is not None else SyntheticBatches(*self.data, steps)
-        stats = engine.train_one_epoch(self.parts, loader, self.epoch)
+        stats = loops.train_one_epoch(self.parts, loader, self.epoch)
         self.epoch = min(self.epoch + 1, self.config.TRAIN.EPOCHS - 1)
         if stats['stop']:
             raise RuntimeError(f"our engine stopped: {stats['stop']} {stats['message']}")
@@ -423,7 +423,7 @@ def end_to_end(args, mode: str, device: torch.device) -> dict:
         seconds = timed(device, lambda: ours.run(0, loader=timed_loader))
         if epoch >= args.e2e_warmup:
             rows.append((seconds, timed_loader.wait))
-    steps = engine.updates_per_epoch(len(loader_train), cfg.TRAIN.ACCUMULATION_STEPS) * cfg.TRAIN.ACCUMULATION_STEPS
+    steps = loops.updates_per_epoch(len(loader_train), cfg.TRAIN.ACCUMULATION_STEPS) * cfg.TRAIN.ACCUMULATION_STEPS
     epoch_s = statistics.median(s for s, _ in rows)
     ips = steps * cfg.DATA.BATCH_SIZE / epoch_s
     row = {'device': str(device), 'mode': mode, 'data_path': root, 'images': made, 'workers': args.workers,

@@ -11,9 +11,9 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoint as ckpt  # noqa: E402
-import parallel  # noqa: E402
-import sharded_checkpoint  # noqa: E402
+from checkpoints import files as ckpt  # noqa: E402
+from distributed import parallel  # noqa: E402
+from checkpoints import sharded  # noqa: E402
 from config import config_from_yaml_text  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
@@ -25,10 +25,10 @@ def main() -> int:
     config = config_from_yaml_text(ckpt.read_checkpoint(path)['config'], path)
     model = parallel.shard_model(build_model(config), config, amp_dtype=None)
     optimizer = build_optimizer(config, model)
-    sharded_checkpoint.load_training_state(path, model, optimizer)
+    sharded.load_training_state(path, model, optimizer)
     full_model, full_optim = get_state_dict(model, [optimizer], options=StateDictOptions(full_state_dict=True))
-    expected_model = sharded_checkpoint.read_full_state(path, 'model')
-    expected_optim = sharded_checkpoint.read_full_state(path, 'optimizer')
+    expected_model = sharded.read_full_state(path, 'model')
+    expected_optim = sharded.read_full_state(path, 'optimizer')
     checked = 0
     for name, tensor in expected_model.items():
         if not torch.equal(full_model[name], tensor):

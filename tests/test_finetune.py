@@ -10,7 +10,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 import main
-import trainer
+from engine import trainer
 from models.swin_transformer import SwinTransformer
 from test_train import N_VAL, _metrics, cfg_file, data_root  # noqa: F401 (fixtures)
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm.optim import Lamb, Lars
 
-import engine
+from engine import loops
 import main
 import models
 from config import ConfigError
@@ -172,7 +172,7 @@ def test_non_finite_guard_skips_the_step(name):
     model = _linear()
     opt = build_optimizer(cfg, model)
     assert not opt.defaults.get('fused')  # so the guard decides on the host
-    guard = engine.NonFiniteGuard(torch.device('cpu'), limit=3)
+    guard = loops.NonFiniteGuard(torch.device('cpu'), limit=3)
     before = [_d(p) for p in model.parameters()]
     _set_grads(model, 1.0, seed=4)
     guard.step(opt, None, torch.tensor(float('inf')), update=0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import memory_report as mr
+from distributed import memory_report as mr
 import models
 from config import default_config
 

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-import checkpoint as ckpt
+from checkpoints import files as ckpt
 import main
-import sharded_checkpoint
+from checkpoints import sharded
 from concurrent_runs import collect
 from models.swin_transformer import SwinTransformer
 from test_train import N_VAL, _metrics, cfg_file, data_root  # noqa: F401 (fixtures)
@@ -161,7 +161,7 @@ def test_consolidated_file_loads_into_the_plain_model_with_equal_outputs(runs, c
     model = SwinTransformer(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                             window_size=4, num_classes=3, drop_path_rate=0.0)
     model.load_state_dict(state['model'], strict=True)  # official keys, nothing left over
-    full = sharded_checkpoint.read_full_state(str(folder))
+    full = sharded.read_full_state(str(folder))
     reference = SwinTransformer(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                                 window_size=4, num_classes=3, drop_path_rate=0.0)
     reference.load_state_dict(full)
@@ -183,7 +183,7 @@ def test_interrupted_sharded_write_is_removed_and_old_folder_kept(tmp_path):
     old = tmp_path / 'best.dcp'
     old.mkdir()
     (old / 'meta.pt').write_bytes(b'old')
-    torn = tmp_path / ('ckpt_epoch_3.dcp' + sharded_checkpoint.TMP_SUFFIX)
+    torn = tmp_path / ('ckpt_epoch_3.dcp' + sharded.TMP_SUFFIX)
     torn.mkdir()
     (torn / '__0_0.distcp').write_bytes(b'half')
     assert ckpt.remove_stale_temporaries(str(tmp_path)) == [torn.name]
@@ -197,7 +197,7 @@ def test_interrupted_sharded_write_is_removed_and_old_folder_kept(tmp_path):
     # killed between setting the old folder aside and renaming the new one in: the old one
     # comes back at the next start, the half-published new one goes
     os.replace(old, str(old) + ckpt.SET_ASIDE)
-    (tmp_path / ('best.dcp' + sharded_checkpoint.TMP_SUFFIX)).mkdir()
+    (tmp_path / ('best.dcp' + sharded.TMP_SUFFIX)).mkdir()
     ckpt.remove_stale_temporaries(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ['best.dcp'] and (old / 'meta.pt').read_bytes() == b'new'
 
@@ -231,9 +231,9 @@ def test_ddp_uses_a_static_graph_where_valid(tmp_path, accumulation, compile_, s
     """Static mode for plain eager steps; not after no_sync micro-steps (DDP asserts there)
     nor under compile."""
     import torch.distributed as dist
-    import parallel
+    from distributed import parallel
     from config import default_config
-    from distributed import DistContext
+    from distributed.process_group import DistContext
     config = default_config()
     config.TRAIN.ACCUMULATION_STEPS, config.TRAIN.COMPILE = accumulation, compile_
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
@@ -296,7 +296,7 @@ def test_fsdp_run_stopped_mid_epoch_resumes_bit_for_bit(cfg_file, tmp_path, monk
     """A stop signal inside epoch 1 of an fsdp run (one process, a group of one) writes a
     sharded mid-epoch checkpoint; resuming it ends equal to the uninterrupted run."""
     from test_resilience import RANDOMNESS, _stop_at
-    import preemption
+    from engine import preemption
     opts = ['TRAIN.PARALLEL', 'fsdp', 'TRAIN.EPOCHS', '2', 'SAVE_STEP_FREQ', '4', *RANDOMNESS]
 
     def run(out):

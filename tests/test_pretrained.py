@@ -8,9 +8,9 @@ import pytest
 import timm
 import torch
 
-import checkpoint as ckpt
+from checkpoints import files as ckpt
 from models.swin_transformer import SwinTransformer
-from pretrained import is_timm_layout, load_pretrained, resize_bias_table
+from models.adapt import is_timm_layout, load_pretrained, resize_bias_table
 
 ARCH = dict(patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], drop_path_rate=0.0)
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import main
-import preemption
-import runner
-import trainer
+from engine import preemption
+from engine import runner
+from engine import trainer
 from test_train import TINY, _metrics, _weights, cfg_file, data_root  # noqa: F401 (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,12 +14,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import engine
+from engine import loops
 import main
 from data import DevicePrefetcher, DevicePreprocessor
-from distributed import wrap_ddp
+from distributed.process_group import wrap_ddp
 from lr_scheduler import build_scheduler
-from metrics_log import MetricsLog
+from engine.metrics_log import MetricsLog
 from models.swin_transformer import SwinTransformer
 from optimizer import build_optimizer
 from test_train import _run, _weights, cfg_file, data_root  # noqa: F401 (fixtures)
@@ -61,7 +61,7 @@ class CountingBackend:
 
 def _step_grads(model, net, images, targets, amp_dtype=None):
     model.zero_grad(set_to_none=True)
-    with engine.autocast_context(amp_dtype, CPU):
+    with loops.autocast_context(amp_dtype, CPU):
         out = net(images)
     F.cross_entropy(out.float(), targets).backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -139,10 +139,10 @@ def test_no_recompile_per_step_with_a_varying_last_batch():
     loader = DataLoader(TensorDataset(images, torch.arange(21) % 3), batch_size=8)
     prep = _Prep()
     logger = logging.getLogger('test')
-    engine.validate(_FakeConfig(), compiled, loader, prep, CPU, None, logger)
+    loops.validate(_FakeConfig(), compiled, loader, prep, CPU, None, logger)
     first = backend.graphs
     assert 1 <= first <= 2  # one graph per batch shape class (no graph break): 8, then dynamic
-    engine.validate(_FakeConfig(), compiled, loader, prep, CPU, None, logger)
+    loops.validate(_FakeConfig(), compiled, loader, prep, CPU, None, logger)
     assert backend.graphs == first
     compiled.train()
     for _ in range(3):
@@ -199,7 +199,7 @@ def test_prefetcher_yields_the_plain_batches(cfg_file):  # noqa: F811
 
 SYNCS = [(torch.Tensor, 'item'), (torch.Tensor, 'tolist'), (torch.Tensor, '__bool__'),
          (torch.Tensor, '__float__'), (torch.Tensor, '__int__'), (torch.cuda, 'synchronize'),
-         (engine, 'synchronize')]
+         (loops, 'synchronize')]
 
 
 def test_no_host_sync_between_print_steps(cfg_file, tmp_path, monkeypatch):  # noqa: F811
@@ -214,12 +214,12 @@ def test_no_host_sync_between_print_steps(cfg_file, tmp_path, monkeypatch):  # n
     optimizer = build_optimizer(config, model)
     batches = [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (8,)))
                for _ in range(6)]
-    n_updates = engine.updates_per_epoch(len(batches), config.TRAIN.ACCUMULATION_STEPS)
-    parts = engine.TrainParts(config, model, optimizer, build_scheduler(config, optimizer, n_updates), None,
-                              engine.build_criterion(config, True), build_mixup(config),
+    n_updates = loops.updates_per_epoch(len(batches), config.TRAIN.ACCUMULATION_STEPS)
+    parts = loops.TrainParts(config, model, optimizer, build_scheduler(config, optimizer, n_updates), None,
+                              loops.build_criterion(config, True), build_mixup(config),
                               DevicePreprocessor(config, CPU, is_train=True), CPU, None, 1,
                               logging.getLogger('test'), MetricsLog(str(tmp_path), False),
-                              engine.NonFiniteGuard(CPU, 25))
+                              loops.NonFiniteGuard(CPU, 25))
     events = []
     for owner, name in SYNCS:
         real = getattr(owner, name)
@@ -228,7 +228,7 @@ def test_no_host_sync_between_print_steps(cfg_file, tmp_path, monkeypatch):  # n
             events.append(_name)
             return _real(*args, **kwargs)
         monkeypatch.setattr(owner, name, counted)
-    result = engine.train_one_epoch(parts, batches, 0)
+    result = loops.train_one_epoch(parts, batches, 0)
     monkeypatch.undo()
     assert math.isfinite(result['train_loss'])
-    assert events and events[0] == 'engine.synchronize', events[:5]  # the last step's print
+    assert events and events[0] == 'engine.loops.synchronize', events[:5]  # the last step's print

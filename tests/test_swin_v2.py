@@ -20,7 +20,7 @@ from models import build_model
 from models.swin_transformer_v2 import (LOGIT_SCALE_MAX, SwinTransformerBlock, SwinTransformerV2, WindowAttention,
                                         log_spaced_coords, scaled_unit)
 from optimizer import build_param_groups
-from pretrained import load_pretrained
+from models.adapt import load_pretrained
 from test_swin_model import rel_err, set_fused
 from test_train import _metrics, cfg_file, data_root  # noqa: F401 (fixtures)
 

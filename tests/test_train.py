@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-import engine
+from engine import loops
 import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,7 +187,7 @@ def test_explicit_resume_wins_over_auto_resume(cfg_file, trained, tmp_path):
 
 
 def test_pruning_only_counts_checkpoints_up_to_the_current_epoch(tmp_path):
-    import checkpoint
+    from checkpoints import files as checkpoint
     for epoch in range(5):
         (tmp_path / checkpoint.epoch_checkpoint_name(epoch)).write_bytes(b'x')
     removed = checkpoint.prune_checkpoints(str(tmp_path), keep_last=1, current_epoch=2)
@@ -238,10 +238,10 @@ def test_clip_grad_zero_leaves_gradients_untouched():
     model(torch.randn(5, 4)).pow(2).sum().mul(100).backward()
     params = list(model.parameters())
     before = [p.grad.clone() for p in params]
-    norm = engine._grad_norm(params, clip=None)
+    norm = loops._grad_norm(params, clip=None)
     assert all(torch.equal(b, p.grad) for b, p in zip(before, params))
     assert norm.item() == pytest.approx(torch.cat([b.flatten() for b in before]).norm().item(), rel=1e-6)
-    clipped = engine._grad_norm(params, clip=1.0)
+    clipped = loops._grad_norm(params, clip=1.0)
     assert clipped.item() == pytest.approx(norm.item(), rel=1e-6)  # the norm before clipping
     assert torch.cat([p.grad.flatten() for p in params]).norm().item() == pytest.approx(1.0, rel=1e-4)
 
@@ -251,7 +251,7 @@ def test_no_sync_on_micro_steps_that_do_not_update(cfg_file, tmp_path, monkeypat
     from config import get_config
     from data import DevicePreprocessor, build_loader
     from lr_scheduler import build_scheduler
-    from metrics_log import MetricsLog
+    from engine.metrics_log import MetricsLog
     from models import build_model
     from optimizer import build_optimizer
     import argparse
@@ -273,12 +273,12 @@ def test_no_sync_on_micro_steps_that_do_not_update(cfg_file, tmp_path, monkeypat
             return original()
         monkeypatch.setattr(ddp, 'no_sync', counting_no_sync)
         device = torch.device('cpu')
-        parts = engine.TrainParts(config, ddp, optimizer, build_scheduler(config, optimizer, len(loader) // 3),
-                                  None, engine.build_criterion(config, False), None,
+        parts = loops.TrainParts(config, ddp, optimizer, build_scheduler(config, optimizer, len(loader) // 3),
+                                  None, loops.build_criterion(config, False), None,
                                   DevicePreprocessor(config, device, True), device, None, 1,
                                   logging.getLogger('nosync'), MetricsLog(str(tmp_path), False),
-                                  engine.NonFiniteGuard(device, 25))
-        stats = engine.train_one_epoch(parts, loader, 0)
+                                  loops.NonFiniteGuard(device, 25))
+        stats = loops.train_one_epoch(parts, loader, 0)
     finally:
         dist.destroy_process_group()
     assert len(loader) == 6 and stats['updates'] == 2
@@ -332,7 +332,7 @@ def test_resuming_with_another_optimizer_is_one_line(cfg_file, trained, tmp_path
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
-    import checkpoint
+    from checkpoints import files as checkpoint
     path = tmp_path / 'ckpt_epoch_0.pth'
     checkpoint.atomic_save({'model': {'w': torch.ones(2)}}, str(path))
 

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from checkpoint import load_model_weights, model_state_dict, read_checkpoint  # noqa: E402
+from checkpoints.files import load_model_weights, model_state_dict, read_checkpoint  # noqa: E402
 from config import config_from_yaml_text, get_config  # noqa: E402
 from main import OneLineArgumentParser  # noqa: E402
 from models import build_model  # noqa: E402

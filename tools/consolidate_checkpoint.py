@@ -21,9 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from checkpoint import OutputError, atomic_save, read_checkpoint  # noqa: E402
+from checkpoints.files import OutputError, atomic_save, read_checkpoint  # noqa: E402
 from tools.checkpoint_model import USER_ERRORS, ToolError, load_model, tool_parser  # noqa: E402
-import sharded_checkpoint  # noqa: E402
+from checkpoints import sharded  # noqa: E402
 
 
 def consolidate(path: str, output: str, cfg: str | None = None) -> dict:

@@ -26,7 +26,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from config import ConfigError
-from distributed import DistContext, wrap_ddp
+from distributed.process_group import DistContext, wrap_ddp
 
 _DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 

@@ -5,7 +5,7 @@ A checkpoint is a plain dict (`model` in the official key format, `optimizer`,
 `lr_scheduler`, `scaler`, `epoch`, `max_accuracy`, `config` as a YAML string, plus `step`,
 `rng`, ...) that `torch.load(weights_only=True)` reads: no pickled objects. Sharded runs
 (TRAIN.PARALLEL fsdp) write the same content as a folder instead (`*.dcp`, see
-sharded_checkpoint.py); the names, `latest`, pruning and auto-resume treat both alike.
+sharded.py); the names, `latest`, pruning and auto-resume treat both alike.
 """
 from __future__ import annotations
 
@@ -216,8 +216,8 @@ def read_checkpoint(path: str) -> dict:
     For a sharded checkpoint folder: its non-tensor part, the tensors stay on disk until
     `model_state_dict` (or a training resume) reads them."""
     if os.path.isdir(path):
-        import sharded_checkpoint  # it builds on this module
-        return sharded_checkpoint.read_meta(path)
+        from checkpoints import sharded  # it builds on this module
+        return sharded.read_meta(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
@@ -250,9 +250,9 @@ def model_state_dict(checkpoint: dict) -> dict:
     """The weights of an official/our checkpoint (`model` entry), of a timm training
     checkpoint (`state_dict`) or of a bare state dict, without DDP's `module.` prefix; the
     full weights of a sharded checkpoint."""
-    import sharded_checkpoint  # it builds on this module
-    if sharded_checkpoint.SHARDED in checkpoint:
-        return sharded_checkpoint.read_full_state(checkpoint[sharded_checkpoint.SHARDED])
+    from checkpoints import sharded  # it builds on this module
+    if sharded.SHARDED in checkpoint:
+        return sharded.read_full_state(checkpoint[sharded.SHARDED])
     state = checkpoint.get('model', checkpoint.get('state_dict', checkpoint))
     if not isinstance(state, dict):
         raise CheckpointError(f"the checkpoint's 'model' entry is a {type(state).__name__}, not a state dict")

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Optional
 
-from checkpoint import OutputError, atomic_write_text
+from checkpoints.files import OutputError, atomic_write_text
 
 METRICS_FILE = 'metrics.jsonl'
 

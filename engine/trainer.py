@@ -17,19 +17,19 @@ import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
 
-import checkpoint as ckpt
-import engine
-import parallel
-import sharded_checkpoint
+from checkpoints import files as ckpt
+from engine import loops
+from distributed import parallel
+from checkpoints import sharded as sharded_ckpt
 from utils import ConfigError
 from data import DevicePreprocessor
-from distributed import DistContext, broadcast_object, gather_objects
+from distributed.process_group import DistContext, broadcast_object, gather_objects
 from lr_scheduler import build_scheduler, scaled_learning_rates
-from memory_report import estimate_memory, report_lines
-from metrics_log import MetricsLog
+from distributed.memory_report import estimate_memory, report_lines
+from engine.metrics_log import MetricsLog
 from optimizer import build_optimizer, describe_param_groups
-from preemption import StopRequest
-from pretrained import load_pretrained
+from engine.preemption import StopRequest
+from models.adapt import load_pretrained
 from utils import EXIT_PREEMPTED, USER_ERRORS, DivergedError
 
 @dataclass
@@ -76,7 +76,7 @@ class Run:
 def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, prep_val, amp_dtype, logger) -> int:
     """Train to TRAIN.EPOCHS (or to a stop); returns the exit code."""
     accum = config.TRAIN.ACCUMULATION_STEPS
-    n_updates = engine.updates_per_epoch(len(loader_train), accum)
+    n_updates = loops.updates_per_epoch(len(loader_train), accum)
     if n_updates == 0:
         raise ConfigError(f'TRAIN.ACCUMULATION_STEPS {accum} is more than the {len(loader_train)} batches '
                           f'of an epoch; lower it or the batch size')
@@ -108,7 +108,7 @@ def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, p
     for line in describe_param_groups(optimizer):
         logger.info(f'param group: {line}')
     run = Run(config, ctx, model, optimizer, build_scheduler(config, optimizer, n_updates),
-              engine.make_scaler(amp_dtype, ctx.device), n_updates, logger)
+              loops.make_scaler(amp_dtype, ctx.device), n_updates, logger)
 
     if path:
         if config.MODEL.PRETRAINED:
@@ -131,15 +131,15 @@ def train(config, ctx: DistContext, model, loader_train, loader_val, mixup_fn, p
     ddp_model = parallel.training_module(model, config, ctx)
     # the DDP-wrapped module is compiled (as PyTorch recommends): the DDP optimizer then
     # splits the graph at the all-reduce buckets, so communication overlaps backward
-    compiled = engine.compile_model(ddp_model, config, logger, 'training forward'
+    compiled = loops.compile_model(ddp_model, config, logger, 'training forward'
                                     + (' (DDP-wrapped)' if ddp_model is not model else ''))
-    run.eval_model = engine.compile_model(model, config, logger, 'validation forward')
+    run.eval_model = loops.compile_model(model, config, logger, 'validation forward')
     run.metrics = MetricsLog(config.OUTPUT, ctx.is_main)
-    parts = engine.TrainParts(config, ddp_model, optimizer, run.scheduler, run.scaler,
-                              engine.build_criterion(config, mixup_fn is not None), mixup_fn,
+    parts = loops.TrainParts(config, ddp_model, optimizer, run.scheduler, run.scaler,
+                              loops.build_criterion(config, mixup_fn is not None), mixup_fn,
                               DevicePreprocessor(config, ctx.device, is_train=True), ctx.device, amp_dtype,
                               ctx.world_size, logger, run.metrics,
-                              engine.NonFiniteGuard(ctx.device, config.TRAIN.MAX_CONSECUTIVE_SKIPS), run.ema,
+                              loops.NonFiniteGuard(ctx.device, config.TRAIN.MAX_CONSECUTIVE_SKIPS), run.ema,
                               compiled)
     dropped = run.metrics.drop_epochs_from(point.epoch)
     if dropped:
@@ -163,7 +163,7 @@ def _epochs(run: Run, parts, loader_train, loader_val, prep_val, amp_dtype, poin
                 f'{run.n_updates} updates per epoch')
     began = time.perf_counter()
     for epoch in range(point.epoch, config.TRAIN.EPOCHS):
-        start = engine.EpochStart(point.step, point.loss_sum) if epoch == point.epoch else engine.EpochStart()
+        start = loops.EpochStart(point.step, point.loss_sum) if epoch == point.epoch else loops.EpochStart()
         loader_train.sampler.set_epoch(epoch, start=start.step * config.DATA.BATCH_SIZE)
 
         def on_update(steps_done: int, updates_done: int, loss_sum) -> bool:
@@ -173,7 +173,7 @@ def _epochs(run: Run, parts, loader_train, loader_val, prep_val, amp_dtype, poin
                 _save_mid_epoch(run, epoch, steps_done, updates_done, loss_sum.item())
             return stopping
 
-        stats = engine.train_one_epoch(parts, loader_train, epoch, start, on_update)
+        stats = loops.train_one_epoch(parts, loader_train, epoch, start, on_update)
         if stats['stop'] == 'signal':
             logger.info(f'stopped by {stop.signal_name} after update {stats["updates"]}; the checkpoint holds '
                         f'every finished update; exit code {EXIT_PREEMPTED} (resume by running the same command)')
@@ -183,7 +183,7 @@ def _epochs(run: Run, parts, loader_train, loader_val, prep_val, amp_dtype, poin
             raise DivergedError(stats['message'])
 
         scorer = run.model if run.eval_model is None else run.eval_model
-        val = engine.validate(config, scorer, loader_val, prep_val, ctx.device, amp_dtype, logger)
+        val = loops.validate(config, scorer, loader_val, prep_val, ctx.device, amp_dtype, logger)
         improved = run.max_accuracy is None or val['acc1'] > run.max_accuracy
         run.max_accuracy = val['acc1'] if improved else run.max_accuracy
         logger.info(f'Accuracy of the network on the {val["n_images"]} test images: {val["acc1"]:.2f}%  '
@@ -225,7 +225,7 @@ def _build_ema(config, model: nn.Module, point: ResumePoint, logger) -> Optional
 
 def _validate_ema(run: Run, loader_val, prep_val, amp_dtype) -> dict:
     """Score the EMA weights like the model; the metrics line gets them beside the model's."""
-    val = engine.validate(run.config, run.ema.module, loader_val, prep_val, run.ctx.device, amp_dtype, run.logger)
+    val = loops.validate(run.config, run.ema.module, loader_val, prep_val, run.ctx.device, amp_dtype, run.logger)
     if run.max_ema_accuracy is None or val['acc1'] > run.max_ema_accuracy:
         run.max_ema_accuracy = val['acc1']
     run.logger.info(f'Accuracy of the EMA model on the {val["n_images"]} test images: {val["acc1"]:.2f}%  '
@@ -289,7 +289,7 @@ def _other_run_in(folder: str) -> Optional[str]:
 def _restore(run: Run, state: dict, path: str) -> ResumePoint:
     """Load a training checkpoint strictly and say where to continue."""
     config, ctx, logger = run.config, run.ctx, run.logger
-    sharded = sharded_checkpoint.SHARDED in state
+    sharded = sharded_ckpt.SHARDED in state
     missing = [k for k in (() if sharded else ('model', 'optimizer')) + ('epoch',) if k not in state]
     if missing:
         raise ckpt.CheckpointError(f"'{path}' is not a training checkpoint (no {', '.join(missing)}); "
@@ -337,14 +337,14 @@ def _load_training_state(run: Run, state: dict, path: str, sharded: bool) -> Non
         if parallel.is_zero(optimizer):
             raise ckpt.CheckpointError(f"'{path}' is a sharded (fsdp) checkpoint; resume it with TRAIN.PARALLEL "
                                        f"fsdp or ddp, not zero")
-        sharded_checkpoint.load_training_state(path, run.model, optimizer)
+        sharded_ckpt.load_training_state(path, run.model, optimizer)
     else:
         saved = state['optimizer']
         if [set(g) - {'params'} for g in saved.get('param_groups', [])] != [set(g) for g in current]:
             raise ckpt.CheckpointError(f"the optimizer state in '{path}' is from another optimizer or parameter "
                                        f"grouping than TRAIN.OPTIMIZER / TRAIN.LAYER_DECAY now give")
         if run.sharded:
-            sharded_checkpoint.load_full_training_state(path, run.model, optimizer,
+            sharded_ckpt.load_full_training_state(path, run.model, optimizer,
                                                         ckpt.model_state_dict(state), saved)
         else:
             ckpt.load_model_weights(run.model, ckpt.model_state_dict(state), path)
@@ -397,7 +397,7 @@ def _write(run: Run, path: str, build_state) -> None:
     rank 0, or with FSDP a folder each rank writes its shards into."""
     if run.sharded:
         meta = build_state() if run.ctx.is_main else None
-        sharded_checkpoint.save(path, run.model, run.optimizer, meta, run.ctx)
+        sharded_ckpt.save(path, run.model, run.optimizer, meta, run.ctx)
         return
     parallel.gather_optimizer_state(run.optimizer)
     _on_every_rank(run.ctx, lambda: ckpt.atomic_save(build_state(), path))

@@ -24,8 +24,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-import checkpoint as ckpt
-from distributed import DistContext, broadcast_object
+from checkpoints import files as ckpt
+from distributed.process_group import DistContext, broadcast_object
 
 META_FILE = 'meta.pt'
 SHARDED = 'sharded_checkpoint'  # read_checkpoint's key naming the folder the tensors are in

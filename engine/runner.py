@@ -17,16 +17,16 @@ import torch.nn as nn
 import torchvision
 import timm
 
-import checkpoint as ckpt
-import engine
+from checkpoints import files as ckpt
+from engine import loops
 from data import DevicePreprocessor, build_loader
-from distributed import DistContext, barrier, init_distributed, shutdown
+from distributed.process_group import DistContext, barrier, init_distributed, shutdown
 from logger import create_logger
-from metrics_log import MetricsLog
+from engine.metrics_log import MetricsLog
 from models import build_model
-from parallel import check_supported
-from pretrained import fit_weights
-from trainer import train
+from distributed.parallel import check_supported
+from models.adapt import fit_weights
+from engine.trainer import train
 from utils import (EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, ConfigError, DataError, DivergedError, atomic_write_text,
                    report_error, seed_everything)
 
@@ -120,15 +120,15 @@ def _run(config, ctx: DistContext) -> int:
     if ctx.is_main:
         for name in ckpt.remove_stale_temporaries(config.OUTPUT):
             logger.info(f'removed {name}, a temporary file left by a process killed while writing')
-    amp_dtype, amp_note = engine.resolve_amp_dtype(config, ctx.device)
+    amp_dtype, amp_note = loops.resolve_amp_dtype(config, ctx.device)
     _log_environment(config, ctx, logger, amp_note)
 
     if config.THROUGHPUT_MODE:
         model = _build_model(config, ctx, logger)
         if ctx.is_main:
             _write_config(config)
-        compiled = engine.compile_model(model, config, logger, 'inference forward')
-        engine.throughput(model if compiled is None else compiled, config, ctx.device, amp_dtype, logger)
+        compiled = loops.compile_model(model, config, logger, 'inference forward')
+        loops.throughput(model if compiled is None else compiled, config, ctx.device, amp_dtype, logger)
         return 0
 
     _prepare_builtin_data(config, ctx, logger)
@@ -178,9 +178,9 @@ def _evaluate_only(config, ctx: DistContext, model, loader_val, prep_val, amp_dt
             'train_loss': None, 'lr': None}
     for name, weights in scored:
         logger.info(f'evaluating the {name} weights of {path}')
-        compiled = engine.compile_model(weights, config, logger, f'{name} forward')
+        compiled = loops.compile_model(weights, config, logger, f'{name} forward')
         scorer = weights if compiled is None else compiled
-        result = engine.validate(config, scorer, loader_val, prep_val, ctx.device, amp_dtype, logger)
+        result = loops.validate(config, scorer, loader_val, prep_val, ctx.device, amp_dtype, logger)
         logger.info(f'Accuracy of the {name} on the {result["n_images"]} test images: '
                     f'top-1 {result["acc1"]:.2f}%  top-5 {result["acc5"]:.2f}%')
         prefix = '' if name == 'model' else 'ema_'

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-import checkpoint as ckpt
+from checkpoints import files as ckpt
 
 HEAD_KEYS = ('head.weight', 'head.bias')
 _TIMM_DOWNSAMPLE = re.compile(r'^layers\.(\d+)\.downsample\.')

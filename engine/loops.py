@@ -17,9 +17,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from config import model_arch
 from data.prefetch import DevicePrefetcher
-from distributed import all_reduce_sum, max_over_ranks
-from metrics_log import MetricsLog
-from parallel import gradient_sync, is_sharded, local_optimizer
+from distributed.process_group import all_reduce_sum, max_over_ranks
+from engine.metrics_log import MetricsLog
+from distributed.parallel import gradient_sync, is_sharded, local_optimizer
 from utils import DivergedError, peak_memory_mb, synchronize  # noqa: F401
 
 

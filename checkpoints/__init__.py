@@ -1,0 +1,1 @@
+"""Checkpoint files and folders: writing, finding, reading, sharded (DCP) checkpoints."""

@@ -1,0 +1,1 @@
+"""Distributed plumbing: the process group, DDP / ZeRO / FSDP wrapping, the per-process memory estimate."""
