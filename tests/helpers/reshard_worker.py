@@ -1,8 +1,7 @@
-"""Run under torchrun by tests/test_parallel.py: load a sharded training checkpoint into a
+"""Run under torchrun by test_parallel.py: load a sharded training checkpoint into a
 model sharded over this run's processes (another count than it was saved with), then
 gather the full model and optimizer state and compare them with the checkpoint's own full
 tensors. Exit 0 when every tensor is equal, 1 (naming the first difference) otherwise."""
-import argparse
 import os
 import sys
 
@@ -10,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from checkpoints import files as ckpt  # noqa: E402
 from distributed import parallel  # noqa: E402
 from checkpoints import sharded  # noqa: E402

@@ -13,21 +13,12 @@ import torch
 from checkpoints import files as ckpt
 import main
 from checkpoints import sharded
-from concurrent_runs import collect
 from models.swin_transformer import SwinTransformer
-from test_train import N_VAL, _metrics, cfg_file, data_root  # noqa: F401 (fixtures)
+from helpers.runs import N_VAL, ROOT, collect, free_port, read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # micro-batches of 4, two per update: the accumulation paths (no_sync, FSDP's
 # set_requires_gradient_sync) run in every comparison
 COMMON = ['--batch-size', '4', '--accumulation-steps', '2']
-
-
-def _port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _start(cfg, out, nproc, *opts, args=(), script='main.py'):
@@ -35,7 +26,7 @@ def _start(cfg, out, nproc, *opts, args=(), script='main.py'):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     launcher = ([sys.executable, os.path.join(ROOT, script)] if nproc == 0 else
                 [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
-                 '--master_port', str(_port()), os.path.join(ROOT, script)])
+                 '--master_port', str(free_port()), os.path.join(ROOT, script)])
     tail = ['--cfg', cfg, '--output', str(out), *COMMON, *args] + (['--opts', *opts] if opts else [])
     return subprocess.Popen(launcher + (tail if script == 'main.py' else list(args)), env=env, cwd=str(out.parent),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -63,9 +54,9 @@ def _weights(path):
 
 
 def test_fsdp_and_zero_train_like_ddp(runs):
-    reference = _metrics(runs['ddp'])
+    reference = read_metrics(runs['ddp'])
     for kind in ('fsdp', 'zero'):
-        lines = _metrics(runs[kind])
+        lines = read_metrics(runs[kind])
         assert [m['epoch'] for m in lines] == [0, 1]
         for got, want in zip(lines, reference):
             assert got['train_loss'] == pytest.approx(want['train_loss'], rel=1e-4), kind
@@ -103,16 +94,16 @@ def test_sharded_checkpoints_are_whole_folders_pruned_and_linked(runs):
     assert meta['epoch'] == 1 and meta['world_size'] == 2 and isinstance(meta['config'], str)
     assert 'model' not in meta and 'optimizer' not in meta  # those stay in the shards
     best = ckpt.read_checkpoint(str(folder / ckpt.BEST_FOLDER))
-    assert best['max_accuracy'] == max(m['acc1'] for m in _metrics(folder))
+    assert best['max_accuracy'] == max(m['acc1'] for m in read_metrics(folder))
 
 
 @pytest.mark.parametrize('nproc', [1, 3])
 def test_sharded_checkpoint_loads_into_another_process_count(runs, tmp_path, nproc):
     """Saved by 2 processes; sharded over 1 or 3, the gathered model and optimizer state
-    equal the checkpoint's tensors exactly (tests/reshard_worker.py)."""
+    equal the checkpoint's tensors exactly (tests/helpers/reshard_worker.py)."""
     path = str(runs['fsdp'] / 'ckpt_epoch_1.dcp')
     (tmp_path / 'w').mkdir()
-    results = collect({nproc: _start('', tmp_path / 'w', nproc, script='tests/reshard_worker.py', args=[path])}, 300)
+    results = collect({nproc: _start('', tmp_path / 'w', nproc, script='tests/helpers/reshard_worker.py', args=[path])}, 300)
     _ok(results)
     assert results[nproc][1].count('tensors equal') == nproc
 
@@ -127,7 +118,7 @@ def test_sharded_run_resumes_with_1_and_3_processes_and_as_ddp(runs, cfg_file, t
         folder = tmp_path / name / 'tiny' / 'default'
         log = (folder / 'log_rank0.txt').read_text()
         assert 'resumed from' in log and 'continuing at epoch 2' in log, name
-        assert [m['epoch'] for m in _metrics(folder)] == [2], name
+        assert [m['epoch'] for m in read_metrics(folder)] == [2], name
         assert (folder / ('ckpt_epoch_2.pth' if name == 'as_ddp' else 'ckpt_epoch_2.dcp')).exists(), name
     assert 'the setup changed' in (tmp_path / 'three' / 'tiny' / 'default' / 'log_rank0.txt').read_text()
 
@@ -138,7 +129,7 @@ def _fsdp_against_ddp(cfg, tmp_path, epoch: int, *opts, args=(), rel: float = 1e
              for kind in ('ddp', 'fsdp')}
     _ok(collect(procs, timeout=400))
     ddp, fsdp = (tmp_path / kind / 'tiny' / 'default' for kind in ('ddp', 'fsdp'))
-    (want,), (got,) = _metrics(ddp), _metrics(fsdp)
+    (want,), (got,) = read_metrics(ddp), read_metrics(fsdp)
     assert got['train_loss'] == pytest.approx(want['train_loss'], rel=rel)
     expected = _weights(ddp / f'ckpt_epoch_{epoch}.pth')
     for key, tensor in _weights(fsdp / f'ckpt_epoch_{epoch}.dcp').items():
@@ -169,10 +160,10 @@ def test_consolidated_file_loads_into_the_plain_model_with_equal_outputs(runs, c
     assert torch.equal(model.eval()(images), reference.eval()(images))
 
     # --eval of the file and of the folder reproduce the run's last validation
-    last = _metrics(runs['fsdp'])[-1]
+    last = read_metrics(runs['fsdp'])[-1]
     for name, path in (('file', out), ('folder', folder)):
         assert main.main(['--cfg', cfg_file, '--output', str(tmp_path / name), '--eval', '--resume', str(path)]) == 0
-        (line,) = _metrics(tmp_path / name / 'tiny' / 'default')
+        (line,) = read_metrics(tmp_path / name / 'tiny' / 'default')
         assert line['acc1'] == last['acc1'] and line['val_loss'] == pytest.approx(last['val_loss'], rel=1e-5)
 
     assert consolidate_checkpoint.main(['--checkpoint', str(out), '--output', str(tmp_path / 'x.pth')]) == 2
@@ -264,7 +255,7 @@ def test_bf16_fsdp_trains_like_bf16_ddp_for_v1_with_sgd_and_uneven_shards_and_v2
                                         *extra, args=args)  # REDUCE_DTYPE 'amp' (default): bf16
     _ok(collect(procs, timeout=400))
     for model in ('v1', 'v2'):
-        (want,), (got,) = (_metrics(tmp_path / f'{model}_{kind}' / 'tiny' / 'default') for kind in ('ddp', 'fsdp'))
+        (want,), (got,) = (read_metrics(tmp_path / f'{model}_{kind}' / 'tiny' / 'default') for kind in ('ddp', 'fsdp'))
         assert got['n_images'] == 3 * N_VAL, model
         assert got['train_loss'] == pytest.approx(want['train_loss'], rel=2e-3), model
         assert got['val_loss'] == pytest.approx(want['val_loss'], rel=2e-3), model

@@ -4,8 +4,8 @@ import os
 import yaml
 
 import main
+from helpers.runs import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, 'configs', 'demo', 'swin_micro_112.yaml')
 
 

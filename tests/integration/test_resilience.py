@@ -1,7 +1,6 @@
 """Never losing a run: mid-epoch checkpoints and exact resume, stop signals, torchrun
 restarts after a killed worker, a changed world size, non-finite updates, the output-folder
 lock, and one-line errors for every bad input."""
-import json
 import os
 import shutil
 import signal
@@ -15,10 +14,8 @@ import torch
 import main
 from engine import preemption
 from engine import runner
-from engine import trainer
-from test_train import TINY, _metrics, _weights, cfg_file, data_root  # noqa: F401 (fixtures)
+from helpers.runs import ROOT, read_metrics, read_weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANDOMNESS = ['MODEL.DROP_PATH_RATE', '0.2', 'AUG.MIXUP', '0.8', 'AUG.REPROB', '0.5', 'DATA.NUM_WORKERS', '1']
 
 
@@ -53,10 +50,10 @@ def test_stopped_and_resumed_run_is_bitwise_equal(cfg_file, tmp_path, monkeypatc
     assert (cut / step_file).exists() and (cut / 'latest').read_text().strip() == step_file
     assert _run(cfg_file, tmp_path / 'cut', *opts) == 0
     whole = tmp_path / 'whole' / 'tiny' / 'default'
-    for key, value in _weights(whole / 'ckpt_epoch_2.pth').items():
-        assert torch.equal(value, _weights(cut / 'ckpt_epoch_2.pth')[key]), key
-    assert [m['epoch'] for m in _metrics(cut)] == [0, 1, 2]
-    for a, b in zip(_metrics(whole), _metrics(cut)):
+    for key, value in read_weights(whole / 'ckpt_epoch_2.pth').items():
+        assert torch.equal(value, read_weights(cut / 'ckpt_epoch_2.pth')[key]), key
+    assert [m['epoch'] for m in read_metrics(cut)] == [0, 1, 2]
+    for a, b in zip(read_metrics(whole), read_metrics(cut)):
         assert a['train_loss'] == b['train_loss'] and a['acc1'] == b['acc1'] and a['lr'] == b['lr']
     assert not list(cut.glob('ckpt_step_*'))  # superseded by the epoch checkpoints
 
@@ -110,7 +107,7 @@ def test_torchrun_restarts_after_a_killed_worker_and_finishes(cfg_file, tmp_path
     os.kill(int(workers[-1]), signal.SIGKILL)
     assert proc.wait(timeout=300) == 0, (tmp_path / 'stderr.txt').read_text()[-3000:]
     run_dir = out / 'tiny' / 'default'
-    assert [m['epoch'] for m in _metrics(run_dir)] == list(range(6))  # each epoch once
+    assert [m['epoch'] for m in read_metrics(run_dir)] == list(range(6))  # each epoch once
     text = log.read_text()
     assert 'auto-resume' in text and 'resumed from' in text
 

@@ -22,7 +22,7 @@ from lr_scheduler import build_scheduler
 from engine.metrics_log import MetricsLog
 from models.swin_transformer import SwinTransformer
 from optimizer import build_optimizer
-from test_train import _run, _weights, cfg_file, data_root  # noqa: F401 (fixtures)
+from helpers.runs import read_weights, run_main
 
 CPU = torch.device('cpu')
 
@@ -164,10 +164,10 @@ def test_compile_flag_trains_and_checkpoints_official_keys(cfg_file, tmp_path, m
         calls.append(type(model).__name__)
         return real_compile(model, backend='aot_eager')
     monkeypatch.setattr(torch, 'compile', compile_aot_eager)
-    assert _run(cfg_file, tmp_path, '--compile', '--opts', 'TRAIN.EPOCHS', '1', 'PRINT_FREQ', '3') == 0
+    assert run_main(cfg_file, tmp_path, '--compile', '--opts', 'TRAIN.EPOCHS', '1', 'PRINT_FREQ', '3') == 0
     run_dir = tmp_path / 'tiny' / 'default'
     assert calls == ['SwinTransformer', 'SwinTransformer']  # training and validation handles
-    keys = list(_weights(run_dir / 'ckpt_epoch_0.pth'))
+    keys = list(read_weights(run_dir / 'ckpt_epoch_0.pth'))
     assert keys and not any('_orig_mod' in k for k in keys)
     assert keys == list(_tiny().state_dict())
     log = (run_dir / 'log_rank0.txt').read_text()

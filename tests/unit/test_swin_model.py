@@ -13,25 +13,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from config import get_config, model_arch
 from models import build_model
-from models.swin_transformer import (SwinTransformer, SwinTransformerBlock, WindowAttention, WindowAttentionBase,
-                                     window_partition, window_reverse)
+from helpers.models import rel_err, set_fused
+from helpers.runs import ROOT
+from models.swin_transformer import (SwinTransformer, SwinTransformerBlock, window_partition, window_reverse)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24])
 # A small model with every feature of the real ones (shifted and unshifted stages, one-window stage).
 MICRO = dict(img_size=112, embed_dim=24, depths=[2, 2, 2, 2], num_heads=[1, 2, 3, 4], window_size=7,
              num_classes=10)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def set_fused(model: torch.nn.Module, fused: bool) -> None:
-    """The SDPA path (True) or the plain reference path (False) in every V1 or V2 attention."""
-    for m in model.modules():
-        if isinstance(m, WindowAttentionBase):
-            m.fused = fused
 
 
 # --------------------------------------------------------------------------- window ops

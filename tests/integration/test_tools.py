@@ -14,15 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from concurrent_runs import collect
+from helpers.runs import ROOT, collect
 from config import get_config
 from data.device_prep import DevicePreprocessor
 from data.transforms import build_transform
 from models import build_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREDICT = os.path.join(ROOT, 'tools', 'predict.py')
 EXPORT = os.path.join(ROOT, 'tools', 'export_onnx.py')
+PREPARE = os.path.join(ROOT, 'tools', 'prepare_digits.py')
 DEMO_CFG = os.path.join(ROOT, 'configs', 'demo', 'swin_micro_digits.yaml')
 # class folders whose sorted order is not their numeric order, so label order is tested
 FOLDERS = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
@@ -254,3 +254,20 @@ def test_export_onnx_refuses_an_opset_it_cannot_write(onnx_runs):
     assert rc == 2 and out == '' and 'Traceback' not in err, (rc, out, err)
     assert len(err.splitlines()) == 1 and err.startswith('error: ') and '--opset' in err, err
     assert not os.path.exists(folder / 'old.onnx')
+
+
+def test_cli_writes_and_reports_bad_out_dir(tmp_path):
+    (tmp_path / 'a_file').write_text('x')
+    run = dict(cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # both at once: each start pays the torch import of the `data` package
+    good = subprocess.Popen([sys.executable, PREPARE, os.path.join('out', 'digits')], **run)
+    bad = subprocess.Popen([sys.executable, PREPARE, os.path.join('a_file', 'digits')], **run)
+    out, err = good.communicate(timeout=120)
+    assert good.returncode == 0, err
+    assert out == f"wrote 1797 images (1438 train / 359 val) to '{os.path.join('out', 'digits')}'\n"
+    assert sum(len(names) for _, _, names in os.walk(tmp_path / 'out' / 'digits')) == 1797  # every scan
+    out, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2
+    assert out == ''
+    assert len(err.splitlines()) == 1 and err.startswith('error: ') and 'a_file' in err
+    assert sorted(os.listdir(tmp_path)) == ['a_file', 'out']

@@ -1,9 +1,7 @@
-"""The digits demo dataset: layout, split, pixels, determinism, atomic writing and the CLI,
+"""The digits demo dataset: layout, split, pixels, determinism, atomic writing,
 checked on the real written tree (about 0.4 s per write)."""
 import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,8 +12,6 @@ from data import prepare
 from data.prepare import DIGITS_CLASSES, digits_val_mask, prepare_dataset
 from data.sources import FolderSource
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLI = os.path.join(ROOT, 'tools', 'prepare_digits.py')
 N_DIGITS = 1797
 
 
@@ -178,18 +174,3 @@ def test_folder_source_reads_train_split(written, digits):
         assert label == digits.target[int(os.path.basename(path)[:4])]
 
 
-def test_cli_writes_and_reports_bad_out_dir(tmp_path):
-    (tmp_path / 'a_file').write_text('x')
-    run = dict(cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # both at once: each start pays the torch import of the `data` package
-    good = subprocess.Popen([sys.executable, CLI, os.path.join('out', 'digits')], **run)
-    bad = subprocess.Popen([sys.executable, CLI, os.path.join('a_file', 'digits')], **run)
-    out, err = good.communicate(timeout=120)
-    assert good.returncode == 0, err
-    assert out == f"wrote 1797 images (1438 train / 359 val) to '{os.path.join('out', 'digits')}'\n"
-    assert len(_files(tmp_path / 'out' / 'digits')) == N_DIGITS
-    out, err = bad.communicate(timeout=120)
-    assert bad.returncode == 2
-    assert out == ''
-    assert len(err.splitlines()) == 1 and err.startswith('error: ') and 'a_file' in err
-    assert sorted(os.listdir(tmp_path)) == ['a_file', 'out']

@@ -6,7 +6,6 @@ import types
 
 import pytest
 import torch
-import torch.nn as nn
 
 from distributed import memory_report as mr
 import models

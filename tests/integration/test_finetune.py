@@ -12,7 +12,7 @@ from timm.utils import ModelEmaV3
 import main
 from engine import trainer
 from models.swin_transformer import SwinTransformer
-from test_train import N_VAL, _metrics, cfg_file, data_root  # noqa: F401 (fixtures)
+from helpers.runs import N_VAL, read_metrics
 
 TINY_ARCH = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], drop_path_rate=0.0)
 
@@ -45,7 +45,7 @@ def test_finetune_to_own_folder_needs_only_pretrained_and_data_path(cfg_file, da
     assert len(re.findall(r'pretrained: resized layers\.\d\.blocks\.\d\.attn\.relative_position_bias_table: '
                           r'3x3 -> 7x7', log)) == 4
     assert 'classifier reinitialized' in log and 'tensors loaded from official-format weights' in log
-    assert _metrics(run_dir)[0]['n_images'] == 3 * N_VAL
+    assert read_metrics(run_dir)[0]['n_images'] == 3 * N_VAL
 
 
 @pytest.mark.parametrize('opts,frozen_prefixes', [
@@ -140,7 +140,7 @@ def test_ema_is_updated_each_update_validated_saved_and_resumed_exactly(cfg_file
     assert _run(cfg_file, tmp_path / 'whole', opts=['TRAIN.EPOCHS', '3', *EMA_OPTS]) == 0
     assert steps == list(range(1, 3 * 6 + 1))  # the global update count, 6 updates per epoch
     whole = tmp_path / 'whole' / 'tiny' / 'default'
-    lines = _metrics(whole)
+    lines = read_metrics(whole)
     assert all({'ema_acc1', 'ema_acc5', 'ema_val_loss', 'max_ema_acc1'} <= set(m) for m in lines)
     end = _final(whole, 2)
     assert set(end['model_ema']) == set(end['model'])
@@ -155,12 +155,12 @@ def test_ema_is_updated_each_update_validated_saved_and_resumed_exactly(cfg_file
     again = _final(resumed, 2)
     for key, value in end['model_ema'].items():
         assert torch.equal(value, again['model_ema'][key]), key
-    assert [m['ema_acc1'] for m in _metrics(resumed)] == [m['ema_acc1'] for m in lines[1:]]
+    assert [m['ema_acc1'] for m in read_metrics(resumed)] == [m['ema_acc1'] for m in lines[1:]]
     assert 'model EMA restored from' in (resumed / 'log_rank0.txt').read_text()
 
     # --eval scores the EMA weights beside the model's, with the numbers training reported
     assert _run(cfg_file, tmp_path / 'eval', '--eval', '--resume', str(whole / 'ckpt_epoch_2.pth')) == 0
-    (scored,) = _metrics(tmp_path / 'eval' / 'tiny' / 'default')
+    (scored,) = read_metrics(tmp_path / 'eval' / 'tiny' / 'default')
     assert scored['mode'] == 'eval'
     assert scored['acc1'] == lines[-1]['acc1'] and scored['ema_acc1'] == lines[-1]['ema_acc1']
 
@@ -170,3 +170,5 @@ def test_eval_of_a_pretrained_file_with_another_class_count_is_refused(cfg_file,
     assert _run(cfg_file, tmp_path / 'out', '--eval', '--pretrained', path) == 2
     err = capsys.readouterr().err
     assert 'untrained head' in err and 'Traceback' not in err
+
+

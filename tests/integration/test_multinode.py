@@ -2,25 +2,16 @@
 c10d rendezvous on localhost train and validate exactly as one launcher with two processes,
 and only global rank 0 writes metrics and checkpoints into the (here shared) output folder."""
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 
-from concurrent_runs import collect
-from test_train import _metrics, cfg_file, data_root  # noqa: F401 (fixtures)
+from helpers.runs import ROOT, collect, free_port, read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 2
 # every wait is bounded: a launcher whose peer never comes gives up after join_timeout
 RDZV_CONF = 'join_timeout=60,read_timeout=60'
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('localhost', 0))
-        return s.getsockname()[1]
 
 
 def _launch(launcher_flags, cfg, out, cwd):
@@ -31,7 +22,7 @@ def _launch(launcher_flags, cfg, out, cwd):
 
 
 def test_two_nodes_through_c10d_rendezvous_equal_one_node_with_two_processes(cfg_file, tmp_path):
-    port = _free_port()
+    port = free_port()
     node = ['--nnodes', '2', '--nproc_per_node', '1', '--rdzv-backend', 'c10d',
             '--rdzv-endpoint', f'localhost:{port}', '--rdzv-id', f'multinode-test-{os.getpid()}',
             '--rdzv-conf', RDZV_CONF, '--max-restarts', '0']
@@ -58,7 +49,7 @@ def test_two_nodes_through_c10d_rendezvous_equal_one_node_with_two_processes(cfg
     for rank in (0, 1):
         assert f'world size 2, rank {rank}' in (multi_dir / f'log_rank{rank}.txt').read_text()
 
-    multi, ref = _metrics(multi_dir), _metrics(single_dir)
+    multi, ref = read_metrics(multi_dir), read_metrics(single_dir)
     # one line per epoch: rank 0 alone appends to metrics.jsonl (two writers would double them)
     assert [m['epoch'] for m in multi] == [m['epoch'] for m in ref] == list(range(EPOCHS))
     for m, r in zip(multi, ref):

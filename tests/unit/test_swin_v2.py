@@ -14,17 +14,15 @@ import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer_v2 import checkpoint_filter_fn
 
-import main
 from config import ConfigError, get_config
 from models import build_model
 from models.swin_transformer_v2 import (LOGIT_SCALE_MAX, SwinTransformerBlock, SwinTransformerV2, WindowAttention,
                                         log_spaced_coords, scaled_unit)
 from optimizer import build_param_groups
 from models.adapt import load_pretrained
-from test_swin_model import rel_err, set_fused
-from test_train import _metrics, cfg_file, data_root  # noqa: F401 (fixtures)
+from helpers.models import randomize, rel_err, set_fused
+from helpers.runs import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24])
 SMALL = dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24])
 BASE = dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])
@@ -39,24 +37,6 @@ V2_CONFIGS = ['swinv2_tiny_patch4_window8_256.yaml', 'swinv2_tiny_patch4_window1
               'swinv2_base_patch4_window12to24_192to384_22kto1k_ft.yaml',
               'swinv2_large_patch4_window12to16_192to256_22kto1k_ft.yaml',
               'swinv2_large_patch4_window12to24_192to384_22kto1k_ft.yaml']
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Weights a trained model could have: the post-norms start at zero (each block the
-    identity), which would hide any error in attention, so they and the biases, logit scales
-    (some above the clamp) and bias MLPs get random values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith('logit_scale'):
-                p.copy_(torch.rand(p.shape, generator=gen) * 5.5)  # up to 5.5 > log(100): clamped
-            elif 'norm' in name and name.endswith('weight'):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif 'cpb_mlp' in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(('bias', 'q_bias', 'v_bias')):
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 # --------------------------------------------------------------------------- sizes
@@ -497,38 +477,6 @@ def test_window_change_without_pretrained_window_sizes_says_how_to_keep_the_scal
 
 # --------------------------------------------------------------------------- training through main.py
 
-# the training tests' tiny config, as Swin V2
-TINY_V2_OPTS = ['MODEL.TYPE', 'swinv2', 'MODEL.NAME', 'tinyv2', 'MODEL.DROP_PATH_RATE', '0.1', 'TRAIN.EPOCHS', '1',
-                'MODEL.SWINV2.EMBED_DIM', '16', 'MODEL.SWINV2.DEPTHS', '[2, 2]', 'MODEL.SWINV2.NUM_HEADS', '[2, 4]',
-                'MODEL.SWINV2.WINDOW_SIZE', '4', 'MODEL.SWINV2.PRETRAINED_WINDOW_SIZES', '[2, 2]']
-
-
-def test_finetune_through_main_with_frozen_stage_and_layer_decay(cfg_file, tmp_path):  # noqa: F811
-    """A window-2 file into the window-4 model (pretrained windows [2, 2]), stage 0 frozen,
-    layer decay 0.9 by block (ids 0..5; the frozen ids 0-2 have no trainable group)."""
-    source = randomize(SwinTransformerV2(img_size=32, window_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
-                                         num_classes=3))
-    path = tmp_path / 'w2.pth'
-    torch.save({'model': source.state_dict()}, path)
-    assert main.main(['--cfg', cfg_file, '--output', str(tmp_path / 'out'), '--pretrained', str(path),
-                      '--opts', *TINY_V2_OPTS, 'TRAIN.FREEZE_STAGES', '1', 'TRAIN.LAYER_DECAY', '0.9']) == 0
-    run_dir = tmp_path / 'out' / 'tinyv2' / 'default'
-    log = (run_dir / 'log_rank0.txt').read_text()
-    assert 'window 2 -> 4: coordinate tables rebuilt, bias MLP carried over (pretrained window sizes [2, 2])' in log
-    assert 'frozen (not trained, kept in eval mode)' in log
-    base = 0.05 * 8 / 512
-    peaks = {int(m.group(1)): float(m.group(2))
-             for m in re.finditer(r'param group: layer_(\d)_(?:no_)?decay: .* peak lr ([0-9.e-]+)', log)}
-    assert sorted(peaks) == [3, 4, 5]
-    for layer_id, lr in peaks.items():
-        assert lr == pytest.approx(base * 0.9 ** (5 - layer_id), rel=1e-3)
-    after = torch.load(run_dir / 'ckpt_epoch_0.pth', map_location='cpu', weights_only=True)['model']
-    for key, before in source.state_dict().items():
-        if key.endswith(('relative_position_index', 'attn_mask', 'relative_coords_table')):
-            continue
-        assert torch.equal(after[key], before) == key.startswith(('patch_embed.', 'layers.0.')), key
-    (metrics,) = _metrics(run_dir)
-    assert math.isfinite(metrics['train_loss']) and metrics['epoch'] == 0
 
 
 def test_official_22k_to_1k_window_change_is_one_line_per_load(tmp_path):

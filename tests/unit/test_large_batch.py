@@ -2,7 +2,6 @@
 the non-finite guard with them, and the square-root LR scaling LAMB is used with."""
 import io
 import math
-import shutil
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ import models
 from config import ConfigError
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from optimizer import build_optimizer
-from test_optim import group_of, make_config, with_changes
-from test_train import _metrics, _one_line, cfg_file, data_root  # noqa: F401 (fixtures)
+from helpers.configs import group_of, make_config, with_changes
+from helpers.runs import one_line_error
 
 
 def _linear(seed: int = 0) -> nn.Linear:
@@ -60,23 +59,6 @@ def test_names_build_timm_classes_with_the_config_values(name, cls):
     else:
         assert opt.defaults['trust_coeff'] == pytest.approx(0.002) and opt.defaults['momentum'] == pytest.approx(0.8)
         assert opt.defaults['nesterov'] is True
-
-
-def test_unknown_optimizer_is_one_line_naming_the_choices(cfg_file, tmp_path, capsys):
-    assert main.main(['--cfg', cfg_file, '--output', str(tmp_path), '--optim', 'lion']) == 2
-    line = _one_line(capsys)
-    assert 'TRAIN.OPTIMIZER.NAME' in line and 'lion' in line and 'lamb' in line and 'lars' in line
-    with pytest.raises(ConfigError, match='lamb, lars'):  # the builder's own check, past validation
-        build_optimizer(with_changes(make_config(), **{'TRAIN.OPTIMIZER.NAME': 'lion'}), _linear())
-
-
-def test_bad_lars_settings_are_config_errors(cfg_file, tmp_path, capsys):
-    assert main.main(['--cfg', cfg_file, '--output', str(tmp_path), '--optim', 'lars',
-                      '--opts', 'TRAIN.OPTIMIZER.TRUST_COEFF', '0']) == 2
-    assert 'TRAIN.OPTIMIZER.TRUST_COEFF' in _one_line(capsys)
-    cfg = make_config('TRAIN.OPTIMIZER.NAME', 'lars', 'TRAIN.OPTIMIZER.MOMENTUM', '0')
-    with pytest.raises(ConfigError, match='NESTEROV'):  # timm would raise a bare ValueError
-        build_optimizer(cfg, _linear())
 
 
 # ---------------------------------------------------------------- the update arithmetic
@@ -246,39 +228,6 @@ def test_zero_rebuilds_the_optimizer_from_its_class_and_defaults(name, tmp_path)
 
 # ---------------------------------------------------------------- end to end
 
-@pytest.mark.parametrize('name', ['lamb', 'lars'])
-def test_training_and_exact_resume_through_main(cfg_file, tmp_path, name):
-    """Two epochs with LAMB / LARS write metrics and checkpoints; resuming the epoch-0
-    checkpoint reproduces the second epoch bit for bit (moments, momentum, step counts)."""
-    opts = ['--optim', name, '--opts', 'TRAIN.EPOCHS', '2', 'SAVE_KEEP_LAST', '0', 'TRAIN.BASE_LR', '0.5']
-    first = tmp_path / 'first'
-    assert main.main(['--cfg', cfg_file, '--output', str(first)] + opts) == 0
-    run_dir = first / 'tiny' / 'default'
-    lines = _metrics(run_dir)
-    assert [m['epoch'] for m in lines] == [0, 1]
-    assert all(math.isfinite(m['train_loss']) and math.isfinite(m['val_loss']) for m in lines)
-    log = (run_dir / 'log_rank0.txt').read_text()
-    assert 'skipped' not in log  # no non-finite update
-
-    resumed = tmp_path / 'resumed' / 'tiny' / 'default'
-    resumed.mkdir(parents=True)
-    shutil.copy(run_dir / 'ckpt_epoch_0.pth', resumed)
-    (resumed / 'metrics.jsonl').write_text((run_dir / 'metrics.jsonl').read_text().splitlines()[0] + '\n')
-    assert main.main(['--cfg', cfg_file, '--output', str(tmp_path / 'resumed')] + opts) == 0
-    assert 'continuing at epoch 1' in (resumed / 'log_rank0.txt').read_text()
-    assert [m['epoch'] for m in _metrics(resumed)] == [0, 1]
-    a = torch.load(run_dir / 'ckpt_epoch_1.pth', map_location='cpu', weights_only=True)
-    b = torch.load(resumed / 'ckpt_epoch_1.pth', map_location='cpu', weights_only=True)
-    assert _metrics(resumed)[1]['train_loss'] == lines[1]['train_loss']
-    for key, value in a['model'].items():
-        assert torch.equal(value, b['model'][key]), key
-    assert a['optimizer']['state'].keys() == b['optimizer']['state'].keys()
-    for pid, state in a['optimizer']['state'].items():
-        for key, value in state.items():
-            assert torch.equal(value, b['optimizer']['state'][pid][key]), (pid, key)
-    if name == 'lamb':  # 6 updates per epoch, counted per parameter in the file
-        assert {int(s['step']) for s in a['optimizer']['state'].values()} == {12}
-
 
 # ---------------------------------------------------------------- LR scaling
 
@@ -293,3 +242,20 @@ def test_sqrt_scaling_at_a_large_batch():
     assert scaled['warmup_lr'] == pytest.approx(4e-6) and scaled['min_lr'] == pytest.approx(4e-5)
     linear = scaled_learning_rates(with_changes(cfg, **{'TRAIN.LR_SCALING': 'linear'}), world_size=16)
     assert linear['base_lr'] == pytest.approx(16e-3)
+
+
+def test_unknown_optimizer_is_one_line_naming_the_choices(cfg_file, tmp_path, capsys):
+    assert main.main(['--cfg', cfg_file, '--output', str(tmp_path), '--optim', 'lion']) == 2
+    line = one_line_error(capsys)
+    assert 'TRAIN.OPTIMIZER.NAME' in line and 'lion' in line and 'lamb' in line and 'lars' in line
+    with pytest.raises(ConfigError, match='lamb, lars'):  # the builder's own check, past validation
+        build_optimizer(with_changes(make_config(), **{'TRAIN.OPTIMIZER.NAME': 'lion'}), _linear())
+
+
+def test_bad_lars_settings_are_config_errors(cfg_file, tmp_path, capsys):
+    assert main.main(['--cfg', cfg_file, '--output', str(tmp_path), '--optim', 'lars',
+                      '--opts', 'TRAIN.OPTIMIZER.TRUST_COEFF', '0']) == 2
+    assert 'TRAIN.OPTIMIZER.TRUST_COEFF' in one_line_error(capsys)
+    cfg = make_config('TRAIN.OPTIMIZER.NAME', 'lars', 'TRAIN.OPTIMIZER.MOMENTUM', '0')
+    with pytest.raises(ConfigError, match='NESTEROV'):  # timm would raise a bare ValueError
+        build_optimizer(cfg, _linear())

@@ -2,96 +2,31 @@
 (three colour classes) and a tiny Swin: outputs, accumulation, exact resume, eval-only
 under torchrun, and the one-line errors."""
 import glob
-import json
 import math
 import os
 import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image
 
-from engine import loops
 import main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLORS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
-N_TRAIN, N_VAL = 16, 7  # per class; 21 validation images: an odd count for 2 ranks
-TINY = """
-DATA:
-  IMG_SIZE: 32
-  BATCH_SIZE: 8
-  NUM_WORKERS: 0
-  DATA_PATH: {data}
-MODEL:
-  NAME: tiny
-  DROP_PATH_RATE: 0.0
-  SWIN:
-    EMBED_DIM: 16
-    DEPTHS: [2, 2]
-    NUM_HEADS: [2, 4]
-    WINDOW_SIZE: 4
-TRAIN:
-  EPOCHS: 2
-  WARMUP_EPOCHS: 1
-  BASE_LR: 0.05
-AUG:
-  AUTO_AUGMENT: none
-  MIXUP: 0.0
-  CUTMIX: 0.0
-  REPROB: 0.0
-AMP_ENABLE: False
-PRINT_FREQ: 2
-"""
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp('colors')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', N_TRAIN), ('val', N_VAL)):
-        for c, color in enumerate(COLORS):
-            folder = root / split / f'class{c}'
-            folder.mkdir(parents=True)
-            for i in range(n):
-                noisy = np.array(color)[None, None, :] + rng.normal(0, 60, (32, 32, 3))
-                Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(folder / f'{i}.jpg', quality=90)
-    return str(root)
-
-
-@pytest.fixture(scope='module')
-def cfg_file(data_root, tmp_path_factory):
-    path = tmp_path_factory.mktemp('cfg') / 'tiny.yaml'
-    path.write_text(TINY.format(data=data_root))
-    return str(path)
-
-
-def _run(cfg_file, out, *extra):
-    return main.main(['--cfg', cfg_file, '--output', str(out)] + list(extra))
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
-
-
-def _weights(path):
-    return torch.load(path, map_location='cpu', weights_only=True)['model']
+from engine import loops
+from helpers.runs import N_VAL, ROOT, one_line_error, read_metrics, read_weights, run_main
 
 
 @pytest.fixture(scope='module')
 def trained(cfg_file, tmp_path_factory):
     """One uninterrupted 3-epoch run, shared by the tests that inspect its outputs."""
     out = tmp_path_factory.mktemp('run')
-    assert _run(cfg_file, out, '--opts', 'TRAIN.EPOCHS', '3', 'SAVE_KEEP_LAST', '2') == 0
+    assert run_main(cfg_file, out, '--opts', 'TRAIN.EPOCHS', '3', 'SAVE_KEEP_LAST', '2') == 0
     return out / 'tiny' / 'default'
 
 
 def test_training_writes_logs_metrics_checkpoints_and_events(trained):
-    lines = _metrics(trained)
+    lines = read_metrics(trained)
     assert [m['epoch'] for m in lines] == [0, 1, 2]
     for m in lines:
         assert {'epoch', 'train_loss', 'acc1', 'acc5', 'val_loss', 'lr', 'img_per_s'} <= set(m)
@@ -129,15 +64,15 @@ def test_training_writes_logs_metrics_checkpoints_and_events(trained):
 
 def test_accumulation_equals_one_large_batch(cfg_file, tmp_path):
     """2 micro-batches of 4 give the update of one batch of 8 (fp32, no dropout, no mixup)."""
-    assert _run(cfg_file, tmp_path / 'big', '--opts', 'TRAIN.EPOCHS', '1') == 0
-    assert _run(cfg_file, tmp_path / 'acc', '--batch-size', '4', '--accumulation-steps', '2',
+    assert run_main(cfg_file, tmp_path / 'big', '--opts', 'TRAIN.EPOCHS', '1') == 0
+    assert run_main(cfg_file, tmp_path / 'acc', '--batch-size', '4', '--accumulation-steps', '2',
                 '--opts', 'TRAIN.EPOCHS', '1') == 0
     big, acc = (tmp_path / name / 'tiny' / 'default' for name in ('big', 'acc'))
-    w_big, w_acc = _weights(big / 'ckpt_epoch_0.pth'), _weights(acc / 'ckpt_epoch_0.pth')
+    w_big, w_acc = read_weights(big / 'ckpt_epoch_0.pth'), read_weights(acc / 'ckpt_epoch_0.pth')
     assert torch.load(acc / 'ckpt_epoch_0.pth', weights_only=True)['lr_scheduler']['num_updates'] == 6
     for key in w_big:
         torch.testing.assert_close(w_acc[key], w_big[key], rtol=1e-4, atol=1e-6)
-    (m_big,), (m_acc,) = _metrics(big), _metrics(acc)
+    (m_big,), (m_acc,) = read_metrics(big), read_metrics(acc)
     assert m_acc['train_loss'] == pytest.approx(m_big['train_loss'], rel=1e-5)  # the true loss is logged
     assert m_acc['lr'] == pytest.approx(m_big['lr'])
 
@@ -151,16 +86,16 @@ def test_resume_continues_exactly(cfg_file, tmp_path, workers):
     first = tmp_path / 'first'
     randomness = ['MODEL.DROP_PATH_RATE', '0.2', 'AUG.MIXUP', '0.8', 'AUG.REPROB', '0.5',
                   'DATA.NUM_WORKERS', str(workers)]
-    assert _run(cfg_file, first, '--opts', 'TRAIN.EPOCHS', '3', 'SAVE_KEEP_LAST', '0', *randomness) == 0
+    assert run_main(cfg_file, first, '--opts', 'TRAIN.EPOCHS', '3', 'SAVE_KEEP_LAST', '0', *randomness) == 0
     run_dir = first / 'tiny' / 'default'
     resumed = tmp_path / 'resumed' / 'tiny' / 'default'
     resumed.mkdir(parents=True)
     shutil.copy(run_dir / 'ckpt_epoch_0.pth', resumed)  # auto-resume finds it
     (resumed / 'metrics.jsonl').write_text((run_dir / 'metrics.jsonl').read_text())  # as if killed later
-    assert _run(cfg_file, tmp_path / 'resumed', '--opts', 'TRAIN.EPOCHS', '3', *randomness) == 0
+    assert run_main(cfg_file, tmp_path / 'resumed', '--opts', 'TRAIN.EPOCHS', '3', *randomness) == 0
 
-    assert [m['epoch'] for m in _metrics(resumed)] == [0, 1, 2]  # each epoch once
-    for a, b in zip(_metrics(run_dir), _metrics(resumed)):
+    assert [m['epoch'] for m in read_metrics(resumed)] == [0, 1, 2]  # each epoch once
+    for a, b in zip(read_metrics(run_dir), read_metrics(resumed)):
         assert a['lr'] == b['lr'] and a['train_loss'] == b['train_loss'] and a['acc1'] == b['acc1']
     end_a = torch.load(run_dir / 'ckpt_epoch_2.pth', weights_only=True)
     end_b = torch.load(resumed / 'ckpt_epoch_2.pth', weights_only=True)
@@ -178,10 +113,10 @@ def test_explicit_resume_wins_over_auto_resume(cfg_file, trained, tmp_path):
     run_dir = out / 'tiny' / 'default'
     run_dir.mkdir(parents=True)
     shutil.copy(trained / 'ckpt_epoch_2.pth', run_dir)  # newest in the folder: would finish the run
-    assert _run(cfg_file, out, '--resume', str(trained / 'ckpt_epoch_1.pth'), '--opts', 'TRAIN.EPOCHS', '3') == 0
+    assert run_main(cfg_file, out, '--resume', str(trained / 'ckpt_epoch_1.pth'), '--opts', 'TRAIN.EPOCHS', '3') == 0
     log = (run_dir / 'log_rank0.txt').read_text()
     assert 'auto-resume would have taken' in log and 'continuing at epoch 2' in log
-    assert [m['epoch'] for m in _metrics(run_dir)] == [2]
+    assert [m['epoch'] for m in read_metrics(run_dir)] == [2]
     # the abandoned timeline's newer checkpoint was set aside (kept), not overwritten unseen
     assert (run_dir / 'ckpt_epoch_2.pth.stale').exists() and 'renamed' in log
 
@@ -197,7 +132,7 @@ def test_pruning_only_counts_checkpoints_up_to_the_current_epoch(tmp_path):
 
 @pytest.mark.parametrize('dtype', ['bf16', 'fp16'])
 def test_amp_dtypes_train(cfg_file, tmp_path, dtype):
-    assert _run(cfg_file, tmp_path, '--opts', 'TRAIN.EPOCHS', '1', 'AMP_ENABLE', 'True', 'AMP_DTYPE', dtype) == 0
+    assert run_main(cfg_file, tmp_path, '--opts', 'TRAIN.EPOCHS', '1', 'AMP_ENABLE', 'True', 'AMP_DTYPE', dtype) == 0
     log = (tmp_path / 'tiny' / 'default' / 'log_rank0.txt').read_text()
     assert f'{dtype} autocast' in log
     assert ('loss_scale' in log) == (dtype == 'fp16')  # a scaler only for fp16
@@ -206,11 +141,11 @@ def test_amp_dtypes_train(cfg_file, tmp_path, dtype):
 
 
 def test_eval_in_process_writes_a_metrics_line(cfg_file, trained, tmp_path, capsys):
-    assert _run(cfg_file, tmp_path, '--eval', '--resume', str(trained / 'ckpt_epoch_2.pth')) == 0
+    assert run_main(cfg_file, tmp_path, '--eval', '--resume', str(trained / 'ckpt_epoch_2.pth')) == 0
     run_dir = tmp_path / 'tiny' / 'default'
-    (line,) = _metrics(run_dir)
+    (line,) = read_metrics(run_dir)
     assert line['mode'] == 'eval' and line['n_images'] == 3 * N_VAL and line['epoch'] == 2
-    assert line['acc1'] == pytest.approx(_metrics(trained)[-1]['acc1'])
+    assert line['acc1'] == pytest.approx(read_metrics(trained)[-1]['acc1'])
     assert not glob.glob(str(run_dir / '*.pth'))  # never trains, never saves
 
 
@@ -224,8 +159,8 @@ def test_eval_under_torchrun_counts_every_image_once(cfg_file, trained, tmp_path
                            '--pretrained', str(trained / 'ckpt_epoch_2.pth')],
                           capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (line,) = _metrics(out / 'tiny' / 'default')
-    reference = _metrics(trained)[-1]
+    (line,) = read_metrics(out / 'tiny' / 'default')
+    reference = read_metrics(trained)[-1]
     assert line['n_images'] == 3 * N_VAL
     assert line['acc1'] == pytest.approx(reference['acc1'], abs=1e-9)
     assert line['acc5'] == pytest.approx(reference['acc5'], abs=1e-9)
@@ -287,31 +222,26 @@ def test_no_sync_on_micro_steps_that_do_not_update(cfg_file, tmp_path, monkeypat
 
 # --- one-line errors ------------------------------------------------------------------------
 
-def _one_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('error'), err
-    return err[0]
-
 
 def test_eval_without_weights_is_refused(cfg_file, tmp_path, capsys):
-    assert _run(cfg_file, tmp_path, '--eval') == 2
-    assert '--resume' in _one_line(capsys) and not any(tmp_path.iterdir())
+    assert run_main(cfg_file, tmp_path, '--eval') == 2
+    assert '--resume' in one_line_error(capsys) and not any(tmp_path.iterdir())
 
 
 def test_missing_and_corrupt_checkpoints(cfg_file, trained, tmp_path, capsys):
-    assert _run(cfg_file, tmp_path / 'a', '--eval', '--resume', str(tmp_path / 'nope.pth')) == 2
-    assert 'does not exist' in _one_line(capsys)
+    assert run_main(cfg_file, tmp_path / 'a', '--eval', '--resume', str(tmp_path / 'nope.pth')) == 2
+    assert 'does not exist' in one_line_error(capsys)
     torn = tmp_path / 'torn.pth'
     torn.write_bytes((trained / 'ckpt_epoch_2.pth').read_bytes()[:5000])
-    assert _run(cfg_file, tmp_path / 'b', '--eval', '--resume', str(torn)) == 2
-    assert 'cannot read checkpoint' in _one_line(capsys)
+    assert run_main(cfg_file, tmp_path / 'b', '--eval', '--resume', str(torn)) == 2
+    assert 'cannot read checkpoint' in one_line_error(capsys)
     assert torn.stat().st_size == 5000  # never touched
 
 
 def test_checkpoint_of_another_architecture_names_the_keys(cfg_file, trained, tmp_path, capsys):
-    assert _run(cfg_file, tmp_path, '--eval', '--resume', str(trained / 'ckpt_epoch_2.pth'),
+    assert run_main(cfg_file, tmp_path, '--eval', '--resume', str(trained / 'ckpt_epoch_2.pth'),
                 '--opts', 'MODEL.SWIN.DEPTHS', '[2, 3]') == 2
-    line = _one_line(capsys)
+    line = one_line_error(capsys)
     assert 'does not fit this model' in line and 'layers.1.blocks.2' in line
 
 
@@ -320,15 +250,15 @@ def test_auto_resume_skips_a_torn_newest_checkpoint(cfg_file, trained, tmp_path)
     run_dir.mkdir(parents=True)
     shutil.copy(trained / 'ckpt_epoch_1.pth', run_dir)
     (run_dir / 'ckpt_epoch_2.pth').write_bytes(b'torn')
-    assert _run(cfg_file, tmp_path, '--opts', 'TRAIN.EPOCHS', '3') == 0
+    assert run_main(cfg_file, tmp_path, '--opts', 'TRAIN.EPOCHS', '3') == 0
     log = (run_dir / 'log_rank0.txt').read_text()
     assert 'auto-resume skips' in log and 'ckpt_epoch_2.pth' in log and 'continuing at epoch 2' in log
 
 
 def test_resuming_with_another_optimizer_is_one_line(cfg_file, trained, tmp_path, capsys):
-    assert _run(cfg_file, tmp_path, '--optim', 'sgd', '--resume', str(trained / 'ckpt_epoch_1.pth'),
+    assert run_main(cfg_file, tmp_path, '--optim', 'sgd', '--resume', str(trained / 'ckpt_epoch_1.pth'),
                 '--opts', 'TRAIN.EPOCHS', '3') == 2
-    assert 'another optimizer' in _one_line(capsys)
+    assert 'another optimizer' in one_line_error(capsys)
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
@@ -367,14 +297,14 @@ def test_prepare_into_an_unwritable_place_is_one_line(tmp_path, capsys):
     demo = os.path.join(ROOT, 'configs', 'demo', 'swin_micro_digits.yaml')
     assert main.main(['--cfg', demo, '--data-path', str(tmp_path / 'file' / 'digits'),
                       '--output', str(tmp_path / 'out')]) == 2
-    assert 'cannot write the digits dataset' in _one_line(capsys)
+    assert 'cannot write the digits dataset' in one_line_error(capsys)
 
 
 def test_output_folder_not_writable(cfg_file, tmp_path, capsys):
     blocker = tmp_path / 'file'
     blocker.write_text('')
-    assert _run(cfg_file, blocker) == 2
-    assert 'not writable' in _one_line(capsys)
+    assert run_main(cfg_file, blocker) == 2
+    assert 'not writable' in one_line_error(capsys)
 
 
 def test_demo_config_prepares_its_data_and_trains(tmp_path):
@@ -384,5 +314,5 @@ def test_demo_config_prepares_its_data_and_trains(tmp_path):
     assert main.main(['--cfg', demo, '--data-path', str(data), '--output', str(tmp_path / 'out'),
                       '--opts', 'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0']) == 0
     assert sorted(os.listdir(data / 'train')) == [str(c) for c in range(10)]
-    (line,) = _metrics(tmp_path / 'out' / 'swin_micro_digits' / 'default')
+    (line,) = read_metrics(tmp_path / 'out' / 'swin_micro_digits' / 'default')
     assert line['n_images'] == 359 and line['val_loss'] < math.log(10)  # better than guessing already

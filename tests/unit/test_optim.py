@@ -1,8 +1,6 @@
 """Optimizer param groups, layer decay, LR schedules (with timm parity) and LR scaling."""
-import argparse
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -10,33 +8,13 @@ import torch.nn as nn
 from timm.scheduler.cosine_lr import CosineLRScheduler
 from timm.scheduler.step_lr import StepLRScheduler
 
-import config
 import models
-from config import ConfigError, set_key
+from config import ConfigError
 from lr_scheduler import LRScheduler, build_scheduler, scaled_learning_rates
+from helpers.configs import group_of, make_config, with_changes
 from optimizer import build_optimizer, describe_param_groups, swin_layer_id
 
-DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'demo',
-                    'swin_micro_112.yaml')
 N_ITER = 7  # optimizer updates per epoch in the schedule tests
-
-
-def make_config(*opts: str):
-    return config.get_config(argparse.Namespace(cfg=DEMO, opts=list(opts)))
-
-
-def with_changes(cfg, **changes):
-    """A copy of a frozen config with TRAIN.OPTIMIZER / TRAIN.LR_SCHEDULER names that
-    validation would reject, to reach the builders' own checks."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    for key, value in changes.items():
-        set_key(cfg, key, value)
-    return cfg
-
-
-def group_of(optimizer):
-    return {id(p): g for g in optimizer.param_groups for p in g['params']}
 
 
 def schedule_config(*opts: str):

@@ -1,0 +1,1 @@
+"""What several test modules share: the tiny training setup, run helpers, config builders."""
