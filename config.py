@@ -10,13 +10,13 @@ import argparse
 import difflib
 import math
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import yaml
 from yacs.config import CfgNode as CN
 
 from utils import ConfigError
-
 
 _C = CN()
 
@@ -389,7 +389,7 @@ def _merge_mapping(node: CN, data: dict, source: str, prefix: str = '') -> None:
 
 def _read_yaml(path: str) -> dict:
     try:
-        with open(path, 'r') as f:
+        with open(path) as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
@@ -607,8 +607,9 @@ def _validate_data(config: CN) -> None:
         _check(len(lo_hi) == 2 and 0.0 < lo_hi[0] < lo_hi[1] <= 1.0,
                f"AUG.CUTMIX_MINMAX must be [min, max] with 0 < min < max <= 1, got {lo_hi}")
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
-    _check(not (training and mixup_active(config) and data.BATCH_SIZE % 2), f"DATA.BATCH_SIZE {data.BATCH_SIZE} must be even when "
-           f"mixup/cutmix is on (images are mixed in pairs); use an even batch or AUG.MIXUP 0 AUG.CUTMIX 0")
+    _check(not (training and mixup_active(config) and data.BATCH_SIZE % 2),
+           f"DATA.BATCH_SIZE {data.BATCH_SIZE} must be even when mixup/cutmix is on (images are mixed in pairs); "
+           f"use an even batch or AUG.MIXUP 0 AUG.CUTMIX 0")
 
 
 def _validate_architecture(arch: CN, section: str) -> None:

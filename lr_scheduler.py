@@ -10,7 +10,8 @@ With the official defaults (cosine, warmup prefix) the values equal timm's.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from yacs.config import CfgNode

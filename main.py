@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from config import ConfigError, get_config
 
@@ -63,7 +62,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def parse_option(argv: Optional[Sequence[str]] = None):
+def parse_option(argv: Sequence[str] | None = None):
     """Parse flags and build the frozen config. Raises ConfigError on any user mistake."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -82,7 +81,7 @@ def parse_option(argv: Optional[Sequence[str]] = None):
     return args, config
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     try:
         _, config = parse_option(argv)
     except ConfigError as e:

@@ -7,12 +7,13 @@ Groups carry 'lr_scale' (read by `lr_scheduler.LRScheduler`) and 'name' (for the
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 from timm.optim import Lamb, Lars
+from torch.distributed.tensor import DTensor
 from yacs.config import CfgNode
 
 from config import OPTIMIZERS, ConfigError, model_arch

@@ -10,7 +10,8 @@ import os
 import random
 import resource
 import sys
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 # --- user errors and exit codes ----------------------------------------------------------
 

@@ -44,27 +44,26 @@ import shutil
 import statistics
 import sys
 import time
-from typing import Callable, NoReturn, Optional
+from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import PIL  # noqa: E402
-import timm  # noqa: E402
-import torchvision  # noqa: E402
-from PIL import Image  # noqa: E402
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform  # noqa: E402
-from torchvision import datasets, transforms  # noqa: E402
-from torchvision.transforms import InterpolationMode  # noqa: E402
+import PIL
+import timm
+import torchvision
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
 
-import config as config_module  # noqa: E402
-from data import DataError, DevicePreprocessor, build_loader  # noqa: E402
-from utils import synchronize  # noqa: E402
-from data.transforms import allow_zero_bit_posterize  # noqa: E402
-
-
+import config as config_module
+from data import DataError, DevicePreprocessor, build_loader
+from data.transforms import allow_zero_bit_posterize
+from utils import synchronize
 
 SPLITS = ('train', 'val')
 BASELINE, OURS, OURS_RD = 'baseline', 'ours', 'ours + REDUCED_DECODE'
@@ -226,7 +225,7 @@ def our_build(root: str, batch: int, workers: int, reduced: bool) -> tuple:
 
 # ----------------------------------------------------------------------------- timing
 
-def time_loader(loader: DataLoader, warmup: int, batches: int) -> tuple[float, Optional[tuple]]:
+def time_loader(loader: DataLoader, warmup: int, batches: int) -> tuple[float, tuple | None]:
     """(seconds for `batches` batches after `warmup` ones, the last batch); epochs are chained
     when the split is shorter. The workers are shut down before returning, so none keeps
     prefetching while another pipeline is timed."""
@@ -296,7 +295,7 @@ def item_datasets(args, root: str, variants: list[str]) -> dict[str, dict]:
     return items
 
 
-def measure(args, root: str, variants: list[str], items: dict[str, dict]) -> tuple[list[dict], Optional[tuple]]:
+def measure(args, root: str, variants: list[str], items: dict[str, dict]) -> tuple[list[dict], tuple | None]:
     """All rows (loader and per-core, each split and variant) over alternating rounds, and one
     uint8 training batch of ours for the device-step timing."""
     images = {(kind, split, v): [] for kind in ('loader', 'per-core') for split in SPLITS for v in variants}
@@ -413,7 +412,8 @@ def main() -> None:
     p.add_argument('--train-images', type=int, default=512)
     p.add_argument('--val-images', type=int, default=256)
     p.add_argument('--classes', type=int, default=8)
-    p.add_argument('--workers', type=int, default=1, help='loader workers (each a core); the main process only consumes')
+    p.add_argument('--workers', type=int, default=1,
+                   help='loader workers (each a core); the main process only consumes')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--batches', type=int, default=8, help='timed batches per loader run, after 2 warm-up ones')
     p.add_argument('--rounds', type=int, default=3, help='alternating rounds; the median is reported')

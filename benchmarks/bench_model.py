@@ -28,13 +28,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import timm  # noqa: E402
-from timm.models.swin_transformer import checkpoint_filter_fn  # noqa: E402
-from timm.models.swin_transformer_v2 import checkpoint_filter_fn as checkpoint_filter_fn_v2  # noqa: E402
+import timm
+from timm.models.swin_transformer import checkpoint_filter_fn
+from timm.models.swin_transformer_v2 import checkpoint_filter_fn as checkpoint_filter_fn_v2
 
-from utils import synchronize  # noqa: E402
-from models.swin_transformer import SwinTransformer  # noqa: E402
-from models.swin_transformer_v2 import SwinTransformerV2  # noqa: E402
+from models.swin_transformer import SwinTransformer
+from models.swin_transformer_v2 import SwinTransformerV2
+from utils import synchronize
 
 ARCHS = {  # official architecture and training drop-path rate per size
     'tiny': dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.2),

@@ -58,30 +58,29 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import timm  # noqa: E402
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup  # noqa: E402
-from timm.data.random_erasing import RandomErasing  # noqa: E402
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
-from timm.optim import create_optimizer_v2  # noqa: E402
-from timm.scheduler import CosineLRScheduler  # noqa: E402
+import timm
+from bench_model import ARCHS, DEFAULT_SIZES, timm_twin
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 
-from engine import loops  # noqa: E402
-from config import get_config  # noqa: E402
-from data import DevicePreprocessor, build_loader  # noqa: E402
-from data.build import build_mixup  # noqa: E402
-from lr_scheduler import build_scheduler  # noqa: E402
-from engine.metrics_log import MetricsLog  # noqa: E402
-from models import build_model  # noqa: E402
-from optimizer import build_optimizer  # noqa: E402
-from utils import synchronize  # noqa: E402
-from bench_model import ARCHS, DEFAULT_SIZES, timm_twin  # noqa: E402
+from config import get_config
+from data import DevicePreprocessor, build_loader
+from data.build import build_mixup
+from engine import loops
+from engine.metrics_log import MetricsLog
+from lr_scheduler import build_scheduler
+from models import build_model
+from optimizer import build_optimizer
+from utils import synchronize
 
 MODES = ('eager_fp32', 'eager_bf16', 'compile_fp32', 'compile_bf16')
 DEFAULT_CFG = {'v1': 'configs/swin_tiny_patch4_window7_224.yaml', 'v2': 'configs/swinv2_tiny_patch4_window8_256.yaml'}
@@ -106,7 +105,7 @@ def rss_bytes() -> int:
         return rss if sys.platform == 'darwin' else rss * 1024
 
 
-def cpu_name() -> Optional[str]:
+def cpu_name() -> str | None:
     try:
         with open('/proc/cpuinfo') as f:
             return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
@@ -139,7 +138,7 @@ class MemoryProbe:
         return (rss_bytes() - self.base) / 2 ** 20
 
 
-def make_config(args, mode: str, batch: int, data_path: Optional[str] = None, workers: int = 0):
+def make_config(args, mode: str, batch: int, data_path: str | None = None, workers: int = 0):
     """The official config of the size asked for, through the project's own `get_config`."""
     kw = ARCHS[args.arch]
     section = 'MODEL.SWIN' if args.model == 'v1' else 'MODEL.SWINV2'
@@ -323,14 +322,14 @@ def build_pair(args, mode: str, device: torch.device, batch: dict) -> dict:
     return built
 
 
-def peak_for(args, mode: str) -> Optional[float]:
+def peak_for(args, mode: str) -> float | None:
     """--peak-tflops-fp32 for the fp32 modes when given, else --peak-tflops."""
     if mode.endswith('fp32') and args.peak_tflops_fp32:
         return args.peak_tflops_fp32
     return args.peak_tflops
 
 
-def mfu(img_per_s: float, flops: float, peak_tflops: Optional[float]) -> Optional[float]:
+def mfu(img_per_s: float, flops: float, peak_tflops: float | None) -> float | None:
     if not peak_tflops:
         return None
     return img_per_s * 3 * 2 * flops / (peak_tflops * 1e12)
@@ -343,7 +342,7 @@ def measure_mode(args, mode: str, device: torch.device, batch: dict, label: str)
         order = ('ours', 'timm') if r % 2 == 0 else ('timm', 'ours')
         for impl in order:
             runner = built[impl]['impl']
-            times[impl].append(timed(device, lambda: runner.run(args.steps)) / args.steps)
+            times[impl].append(timed(device, lambda r=runner: r.run(args.steps)) / args.steps)
     ratios = [(batch['ours'] / o) / (batch['timm'] / t) for o, t in zip(times['ours'], times['timm'])]
     peak = peak_for(args, mode)
     row = {'device': str(device), 'mode': mode, 'batch_kind': label, 'flops_per_image_fwd_macs': built['flops'],
@@ -384,7 +383,7 @@ def fits(args, impl: str, mode: str, device: torch.device, batch: int) -> bool:
             ours.run(1)
         synchronize(device)
         return True
-    except Exception as e:  # noqa: BLE001 - anything but running out of memory is a bug
+    except Exception as e:
         if not is_oom(e):
             raise
         return False
@@ -393,7 +392,7 @@ def fits(args, impl: str, mode: str, device: torch.device, batch: int) -> bool:
         free_memory(device)
 
 
-def largest_batch(args, impl: str, mode: str, device: torch.device) -> Optional[int]:
+def largest_batch(args, impl: str, mode: str, device: torch.device) -> int | None:
     batch, best = args.batch_size, None
     while batch <= args.max_batch:
         ok = fits(args, impl, mode, device, batch)
@@ -439,7 +438,7 @@ def end_to_end(args, mode: str, device: torch.device) -> dict:
 
 # ----------------------------------------------------------------------------- output
 
-def fmt_mfu(x: Optional[float]) -> str:
+def fmt_mfu(x: float | None) -> str:
     return 'n/a' if x is None else f'{100 * x:.2f}%'
 
 
@@ -544,7 +543,7 @@ def main() -> None:
                     try:
                         results.append(measure_mode(args, mode, device, best, 'max'))
                         break
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         if not is_oom(e):
                             raise
                         free_memory(device)

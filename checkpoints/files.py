@@ -15,13 +15,20 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from utils import (TMP_MARK, CheckpointError, OutputError, atomic_save, atomic_write, atomic_write_text,  # noqa: F401
-                   error_line, fsync_dir)
+from utils import (  # noqa: F401
+    TMP_MARK,
+    CheckpointError,
+    OutputError,
+    atomic_save,
+    atomic_write,
+    atomic_write_text,
+    error_line,
+    fsync_dir,
+)
 
 EPOCH_FILE = re.compile(r'^ckpt_epoch_(\d+)\.(?:pth|dcp)$')
 STEP_FILE = re.compile(r'^ckpt_step_(\d+)\.(?:pth|dcp)$')  # mid-epoch, numbered by optimizer updates done
@@ -199,7 +206,7 @@ def prune_step_checkpoints(folder: str, keep_from: int) -> None:
             remove_checkpoint(path)
 
 
-def set_aside_later_checkpoints(folder: str, epoch: int, updates: int, keep: Optional[str] = None) -> list[str]:
+def set_aside_later_checkpoints(folder: str, epoch: int, updates: int, keep: str | None = None) -> list[str]:
     """Rename epoch checkpoints of epochs after `epoch` and mid-epoch ones after `updates`
     (except `keep`, the file resumed from) to '*.stale' (kept, but no longer seen by
     auto-resume or pruning): a run restarted at an earlier point abandons that timeline."""
@@ -235,7 +242,7 @@ def read_checkpoint(path: str) -> dict:
     return obj
 
 
-def newest_readable_checkpoint(folder: str, logger: logging.Logger) -> Optional[tuple[str, dict]]:
+def newest_readable_checkpoint(folder: str, logger: logging.Logger) -> tuple[str, dict] | None:
     """The newest checkpoint in `folder` that loads; unreadable ones are skipped with a
     warning naming them (and left on disk for the user to inspect)."""
     for path in resume_candidates(folder):
@@ -265,7 +272,7 @@ def _first_names(names: list[str], n: int = 3) -> str:
 
 
 def mismatch_error(source: str, missing: list[str], unexpected: list[str],
-                   shapes: list[str]) -> Optional[CheckpointError]:
+                   shapes: list[str]) -> CheckpointError | None:
     """One line naming the first keys a file lacks, has in excess, or has in another shape."""
     problems = []
     if missing:
@@ -293,7 +300,7 @@ def check_fits(own: dict[str, tuple], saved: dict[str, tuple], source: str) -> N
         raise error
 
 
-def shapes_of(state: dict) -> dict[str, Optional[tuple]]:
+def shapes_of(state: dict) -> dict[str, tuple | None]:
     return {k: tuple(v.shape) if hasattr(v, 'shape') else None for k, v in state.items()}
 
 

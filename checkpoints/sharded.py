@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -38,7 +38,7 @@ def is_sharded_checkpoint(path: str) -> bool:
     return os.path.isdir(path)
 
 
-def save(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: Optional[dict],
+def save(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict | None,
          ctx: DistContext) -> None:
     """Every rank: write the model and optimizer shards and (rank 0) `meta` to the folder
     `path`, replacing an older folder of that name only once the new one is complete.
@@ -60,7 +60,7 @@ def save(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, me
         raise ckpt.OutputError(f"cannot write checkpoint '{path}': {error}; earlier checkpoints are untouched")
 
 
-def _try(action) -> Optional[str]:
+def _try(action) -> str | None:
     try:
         action()
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -15,7 +14,7 @@ from config import mixup_active
 from .datasets import ImageDataset, SyntheticDataset
 from .samplers import ShardSampler, TrainSampler, shard_bounds
 from .sources import CachedSource, DataError, FolderSource, ListSource, Source, ZipSource
-from .transforms import build_transform  # noqa: F401 (also data.build.build_transform, as officially)
+from .transforms import build_transform
 
 IN22K_PREFIX = 'ILSVRC2011fall_whole'  # official list names: <prefix>_map_train.txt / _map_val.txt
 
@@ -68,7 +67,7 @@ def build_dataset(config, is_train: bool, rank: int = 0, world_size: int = 1, lo
                         logger_name=logger_name)
 
 
-def build_mixup(config) -> Optional[Mixup]:
+def build_mixup(config) -> Mixup | None:
     """timm's Mixup from the AUG keys, or None when neither mixup nor cutmix is on."""
     if not mixup_active(config):
         return None
@@ -120,8 +119,8 @@ def _set_num_classes(config, num_classes: int, logger: logging.Logger) -> None:
         config.freeze()
 
 
-def build_loader(config, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 logger: Optional[logging.Logger] = None):
+def build_loader(config, rank: int | None = None, world_size: int | None = None,
+                 logger: logging.Logger | None = None):
     """(dataset_train, dataset_val, loader_train, loader_val, mixup_fn).
 
     With EVAL_MODE or THROUGHPUT_MODE the training side is not built (None for its three

@@ -9,15 +9,15 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from .decode import DecodeError
 from utils import DataError
 
+from .decode import DecodeError
 from .sources import SampleTable, Source
 
 _EPOCH, _CORRUPT = 0, 1

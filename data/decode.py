@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -34,7 +33,7 @@ def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b'\xff\xd8\xff'
 
 
-ImageInput = Union[bytes, Image.Image, np.ndarray]  # encoded bytes, or an already decoded image
+ImageInput = bytes | Image.Image | np.ndarray  # encoded bytes, or an already decoded image
 
 
 def image_size(data: ImageInput) -> tuple[int, int]:

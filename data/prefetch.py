@@ -4,7 +4,7 @@ a side stream, so the copy overlaps compute instead of preceding it."""
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -26,14 +26,14 @@ class DevicePrefetcher:
         self.loader, self.prep = loader, prep
         # a prep without a device (a stand-in in a test) gets the plain, stream-less path
         self.device: torch.device = getattr(prep, 'device', torch.device('cpu'))
-        self.stream: Optional[torch.cuda.Stream] = (torch.cuda.Stream(device=self.device)
+        self.stream: torch.cuda.Stream | None = (torch.cuda.Stream(device=self.device)
                                                     if self.device.type == 'cuda' else None)
         self.wait_s = 0.0
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def _fetch(self, batches: Iterator) -> Optional[Batch]:
+    def _fetch(self, batches: Iterator) -> Batch | None:
         """The next loader batch with its copy to the device queued (None at the end)."""
         tic = time.perf_counter()
         try:

@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import socket
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -61,7 +60,7 @@ def _write_digits(out: str) -> dict[str, int]:
 _WRITERS = {'digits': _write_digits}
 
 
-def prepare_dataset(name: str, root: str, logger: Optional[logging.Logger] = None) -> bool:
+def prepare_dataset(name: str, root: str, logger: logging.Logger | None = None) -> bool:
     """Write dataset `name` to `root` unless `root` exists; True if this call wrote it.
 
     Returns False without touching anything when `root` exists, including when another

@@ -3,7 +3,7 @@ validation, so that every validation image is scored exactly once on any number 
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler

@@ -13,9 +13,8 @@ import json
 import os
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Optional
 
 import numpy as np
 
@@ -63,7 +62,7 @@ class SampleTable(Sequence):
 class Source:
     samples: SampleTable
     num_classes: int
-    classes: Optional[list[str]] = None  # class names where the layout has them (folders)
+    classes: list[str] | None = None  # class names where the layout has them (folders)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -169,7 +168,7 @@ class ZipSource(Source):
         self.samples = SampleTable(pairs)
         self.sizes = np.array([sizes[member] for member, _ in pairs], dtype=np.int64)  # for the cache
         self.num_classes = int(self.samples.labels.max()) + 1
-        self._handle: Optional[zipfile.ZipFile] = None
+        self._handle: zipfile.ZipFile | None = None
         self._pid = -1
 
     def read(self, index: int) -> bytes:
@@ -226,7 +225,7 @@ class CachedSource(Source):
     loader workers then share the pages instead of copying them as they touch reference
     counts. A member that cannot be read is left out of the cache, to be counted when read."""
 
-    def __init__(self, source: ZipSource, keep: Optional[Iterable[int]] = None):
+    def __init__(self, source: ZipSource, keep: Iterable[int] | None = None):
         self.source = source
         self.samples = source.samples
         self.num_classes = source.num_classes

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
 from timm.data import auto_augment, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from .decode import JPEG_SCALES, ImageInput, decode_rgb, image_size
 
@@ -93,10 +93,10 @@ def _scaled_box(box, reduce: int, shape) -> tuple[int, int, int, int]:
     """Map a crop box from full-resolution coordinates onto an image decoded at 1/reduce,
     rounding both edges so the box does not drift towards the top-left."""
     top, left, height, width = box
-    t, l = round(top / reduce), round(left / reduce)
+    t, lft = round(top / reduce), round(left / reduce)
     b = min(shape[0], max(t + 1, round((top + height) / reduce)))
-    r = min(shape[1], max(l + 1, round((left + width) / reduce)))
-    return t, l, b - t, r - l
+    r = min(shape[1], max(lft + 1, round((left + width) / reduce)))
+    return t, lft, b - t, r - lft
 
 
 def _size_only(width: int, height: int) -> torch.Tensor:

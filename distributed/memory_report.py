@@ -29,8 +29,8 @@ its own dtype, normally fp32; frozen stages get no gradients and no optimizer st
   CPU, SDPA on CUDA), and autocast applies to them as to real tensors, so half-precision
   saves are counted in half precision. A real forward gives the same bytes on the CPU
   (tested; under AMP ~1% fewer, as the fake layer_norm keeps its per-token mean and rstd
-  in half precision where the CPU kernel keeps fp32). Under fsdp with AMP the saved half-precision weight copies are the gathered
-  parameters, already counted, so they are left out of activations.
+  in half precision where the CPU kernel keeps fp32). Under fsdp with AMP the saved
+  half-precision weight copies are the gathered parameters, already counted, so they are left out of activations.
 - activation checkpointing (TRAIN.USE_CHECKPOINT, each block checkpointed): the same
   forward records which saved tensors belong to which block; what stays saved is
   everything outside the blocks plus each block's input, and backward adds the largest
@@ -46,8 +46,8 @@ import contextlib
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -119,7 +119,7 @@ def _fsdp_units(model: nn.Module) -> tuple[list[int], int]:
     return units, root
 
 
-def _state_tensors(config) -> tuple[int, Optional[str]]:
+def _state_tensors(config) -> tuple[int, str | None]:
     name = config.TRAIN.OPTIMIZER.NAME.lower()
     if name in ('sgd', 'lars') and config.TRAIN.OPTIMIZER.MOMENTUM <= 0:
         return 0, None
@@ -220,7 +220,7 @@ def _image(config, batch: int, **kw) -> torch.Tensor:
     return torch.empty(batch, s.IN_CHANS, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, **kw)
 
 
-def _autocast(device_type: str, amp_dtype: Optional[torch.dtype]):
+def _autocast(device_type: str, amp_dtype: torch.dtype | None):
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=amp_dtype)
@@ -229,8 +229,9 @@ def _autocast(device_type: str, amp_dtype: Optional[torch.dtype]):
 def _fake_measure(model: nn.Module, config, device_type: str, amp_dtype) -> tuple[_Saved, _Saved]:
     """Saved tensors at batch 1 and 2, on fake tensors of `device_type`: no memory, no
     arithmetic, the same code path and autocast behaviour as real tensors there."""
-    import models
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import models
 
     with torch.device('meta'):  # no weight memory and no initialisation, even for Swin-L
         twin = models.build_model(config)
@@ -243,7 +244,7 @@ def _fake_measure(model: nn.Module, config, device_type: str, amp_dtype) -> tupl
         # frozen blocks key their mask cache on data_ptr(), which fake tensors warn about
         with mode, warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='Accessing the data pointer of FakeTensor')
-            out.append(_measure_saved(twin, lambda: _image(config, batch, device=device_type),
+            out.append(_measure_saved(twin, lambda b=batch: _image(config, b, device=device_type),
                                       _autocast(device_type, amp_dtype), amp_dtype))
     return out[0], out[1]
 
@@ -273,14 +274,14 @@ def _activations(model: nn.Module, config, amp_dtype, parallel: str,
     try:
         pair = _fake_measure(model, config, device_type, amp_dtype)
         method = f'measured on fake {device_type} tensors at batch 1 and 2, linear in the batch'
-    except Exception as e:  # noqa: BLE001 - any failure of the fake path falls back
+    except Exception as e:
         if device_type != 'cpu':
             try:
                 pair = _fake_measure(model, config, 'cpu', amp_dtype)
                 method = 'measured on fake cpu tensors (the CPU attention kernel) at batch 1 and 2'
                 notes.append(f'fake {device_type} forward failed ({type(e).__name__}): activations measured '
                              'with the CPU kernels, which save a little less than SDPA')
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pair = None
         if pair is None:
             notes.append(f'fake-tensor forward failed ({type(e).__name__}: {e}); activations measured by a '
@@ -307,7 +308,7 @@ def _activations(model: nn.Module, config, amp_dtype, parallel: str,
 
 
 def estimate_memory(model: nn.Module, config, world_size: int,
-                    amp_dtype: Optional[torch.dtype]) -> MemoryEstimate:
+                    amp_dtype: torch.dtype | None) -> MemoryEstimate:
     """Bytes per process for `model` (on its training device, frozen as it will train)
     under `config`'s parallelism, optimizer, batch and checkpointing. See the module
     docstring for what is counted."""
@@ -359,7 +360,7 @@ def _gib(n: int) -> str:
     return f'{n / GIB:.2f}'
 
 
-def _capacity(device: torch.device) -> tuple[Optional[int], str]:
+def _capacity(device: torch.device) -> tuple[int | None, str]:
     if device.type == 'cuda':
         props = torch.cuda.get_device_properties(device)
         return props.total_memory, f'{device} ({props.name})'

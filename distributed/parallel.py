@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -31,7 +30,7 @@ from distributed.process_group import DistContext, wrap_ddp
 _DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 
 
-def reduce_dtype(config, amp_dtype: Optional[torch.dtype]) -> torch.dtype:
+def reduce_dtype(config, amp_dtype: torch.dtype | None) -> torch.dtype:
     """TRAIN.FSDP.REDUCE_DTYPE as a dtype: 'amp' follows the AMP dtype (fp32 without AMP)."""
     name = config.TRAIN.FSDP.REDUCE_DTYPE
     return (amp_dtype or torch.float32) if name == 'amp' else _DTYPES[name]
@@ -57,7 +56,7 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard_model(model: nn.Module, config, amp_dtype: Optional[torch.dtype], offload: bool = False) -> nn.Module:
+def shard_model(model: nn.Module, config, amp_dtype: torch.dtype | None, offload: bool = False) -> nn.Module:
     """TRAIN.PARALLEL fsdp: `fully_shard` each Swin block, then the root, in place.
     Call it after loading pretrained weights (they load into the full model) and before
     building the optimizer (which must see the shards). `offload`: keep the shards in

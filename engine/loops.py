@@ -6,24 +6,25 @@ import contextlib
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.distributed.tensor import DTensor
 
 from config import model_arch
 from data.prefetch import DevicePrefetcher
+from distributed.parallel import gradient_sync, is_sharded, local_optimizer
 from distributed.process_group import all_reduce_sum, max_over_ranks
 from engine.metrics_log import MetricsLog
-from distributed.parallel import gradient_sync, is_sharded, local_optimizer
 from utils import DivergedError, peak_memory_mb, synchronize  # noqa: F401
 
 
-def resolve_amp_dtype(config, device: torch.device) -> tuple[Optional[torch.dtype], str]:
+def resolve_amp_dtype(config, device: torch.device) -> tuple[torch.dtype | None, str]:
     """The autocast dtype (None: fp32) and a note for the log. bf16 falls back to fp16 on
     GPUs without bf16 support."""
     if not config.AMP_ENABLE:
@@ -35,13 +36,13 @@ def resolve_amp_dtype(config, device: torch.device) -> tuple[Optional[torch.dtyp
     return torch.bfloat16, 'bf16 autocast (no loss scaling)'
 
 
-def autocast_context(amp_dtype: Optional[torch.dtype], device: torch.device):
+def autocast_context(amp_dtype: torch.dtype | None, device: torch.device):
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def make_scaler(amp_dtype: Optional[torch.dtype], device: torch.device) -> Optional[torch.amp.GradScaler]:
+def make_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
     """A gradient scaler only for fp16: bf16 has fp32's exponent range and needs none."""
     return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
@@ -63,22 +64,22 @@ class TrainParts:
     model: nn.Module            # DDP-wrapped when distributed (ddp, zero); with fsdp the sharded model
     optimizer: torch.optim.Optimizer
     scheduler: Any              # lr_scheduler.LRScheduler
-    scaler: Optional[torch.amp.GradScaler]
+    scaler: torch.amp.GradScaler | None
     criterion: nn.Module
     mixup_fn: Any
     prep: Any                   # data.DevicePreprocessor for training
     device: torch.device
-    amp_dtype: Optional[torch.dtype]
+    amp_dtype: torch.dtype | None
     world_size: int
     logger: logging.Logger
     metrics: MetricsLog
-    guard: 'NonFiniteGuard'
+    guard: NonFiniteGuard
     ema: Any = None             # timm ModelEmaV3, updated after every optimizer update
-    compiled: Optional[nn.Module] = None  # torch.compile(model) with TRAIN.COMPILE: runs the forward
+    compiled: nn.Module | None = None  # torch.compile(model) with TRAIN.COMPILE: runs the forward
     compile_logged: bool = False  # the first compiled steps' time is logged once per run
 
 
-def compile_model(model: nn.Module, config, logger: logging.Logger, what: str) -> Optional[nn.Module]:
+def compile_model(model: nn.Module, config, logger: logging.Logger, what: str) -> nn.Module | None:
     """`torch.compile(model)` with TRAIN.COMPILE (None without): a handle that shares the
     module's weights, so checkpoints keep being written from the plain module (a compiled
     module's state_dict keys start with `_orig_mod.`). Batch-size changes (the validation's
@@ -93,7 +94,7 @@ def updates_per_epoch(num_batches: int, accumulation_steps: int) -> int:
     return num_batches // accumulation_steps
 
 
-def _grad_norm(parameters: list[torch.Tensor], clip: Optional[float]) -> torch.Tensor:
+def _grad_norm(parameters: list[torch.Tensor], clip: float | None) -> torch.Tensor:
     """Clip to `clip` and return the norm before clipping; with no clip only measure (the
     gradients are not touched, not even multiplied by 1)."""
     grads = [p.grad for p in parameters if p.grad is not None]
@@ -136,7 +137,7 @@ class NonFiniteGuard:
         elif not bad.item():  # other kernels cannot skip on the device
             optimizer.step()
 
-    def check(self, logger: logging.Logger) -> Optional[str]:
+    def check(self, logger: logging.Logger) -> str | None:
         """Log new skips; past the limit, the message to stop with (reads the counters:
         call it only where the loop waits for the device anyway)."""
         total, consecutive = int(self.total.item()), int(self.consecutive.item())
@@ -159,8 +160,8 @@ class EpochStart:
     loss_sum: float = 0.0
 
 
-def train_one_epoch(parts: TrainParts, loader, epoch: int, start: Optional[EpochStart] = None,
-                    on_update: Optional[Callable[[int, int, torch.Tensor], bool]] = None) -> dict[str, Any]:
+def train_one_epoch(parts: TrainParts, loader, epoch: int, start: EpochStart | None = None,
+                    on_update: Callable[[int, int, torch.Tensor], bool] | None = None) -> dict[str, Any]:
     """One pass over the training loader: `TRAIN.ACCUMULATION_STEPS` micro-batches per
     optimizer update (gradients all-reduced only on the last one), the LR set per update,
     a log line every PRINT_FREQ micro-steps. Nothing waits for the device except on those
@@ -278,7 +279,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, start: Optional[Epoch
     return result
 
 
-def validate(config, model: nn.Module, loader, prep, device: torch.device, amp_dtype: Optional[torch.dtype],
+def validate(config, model: nn.Module, loader, prep, device: torch.device, amp_dtype: torch.dtype | None,
              logger: logging.Logger) -> dict[str, float]:
     """Loss, top-1 and top-5 over the whole validation split. Each rank scores its own
     unpadded shard and the sums of loss, correct and seen images are added across ranks,
@@ -296,7 +297,7 @@ def validate(config, model: nn.Module, loader, prep, device: torch.device, amp_d
     return result
 
 
-def _score(config, model: nn.Module, loader, prep, device: torch.device, amp_dtype: Optional[torch.dtype],
+def _score(config, model: nn.Module, loader, prep, device: torch.device, amp_dtype: torch.dtype | None,
            logger: logging.Logger, lockstep: bool) -> dict[str, float]:
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
     # agreed before any forward: a collective after the loop would meet other ranks' gathers
@@ -323,7 +324,7 @@ def _score(config, model: nn.Module, loader, prep, device: torch.device, amp_dty
 
 
 @torch.inference_mode()
-def throughput(model: nn.Module, config, device: torch.device, amp_dtype: Optional[torch.dtype],
+def throughput(model: nn.Module, config, device: torch.device, amp_dtype: torch.dtype | None,
                logger: logging.Logger) -> float:
     """Inference images/s on a synthetic batch of the configured size and dtype (official
     procedure: warm up, then time repeated forwards; fewer repetitions on CPU)."""

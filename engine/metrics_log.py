@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 from checkpoints.files import OutputError, atomic_write_text
 
@@ -54,7 +54,7 @@ class MetricsLog:
         except OSError as e:
             raise OutputError(f"cannot append to '{self.path}': {e.strerror or e}") from None
 
-    def scalars(self, step: int, values: dict[str, Optional[float]]) -> None:
+    def scalars(self, step: int, values: dict[str, float | None]) -> None:
         if self.writer is None:
             return
         for tag, value in values.items():
@@ -71,7 +71,7 @@ class MetricsLog:
             self.writer = None
 
 
-def _epoch_of(line: str) -> Optional[int]:
+def _epoch_of(line: str) -> int | None:
     try:
         record = json.loads(line)
     except json.JSONDecodeError:  # a line torn by a crash: dropped on the next resume

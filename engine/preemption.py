@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,7 @@ class StopRequest:
     """Remembers the first stop signal; `agreed()` tells every rank whether any rank got one."""
 
     def __init__(self, group: Any = None):
-        self.signal_name: Optional[str] = None
+        self.signal_name: str | None = None
         self.group = group  # a CPU (gloo) group, so agreeing never waits for the GPU
         self._previous: dict[int, Any] = {}
 

@@ -10,25 +10,33 @@ import copy
 import fcntl
 import os
 import platform
-from typing import Optional
 
+import timm
 import torch
 import torch.nn as nn
 import torchvision
-import timm
 
 from checkpoints import files as ckpt
-from engine import loops
 from data import DevicePreprocessor, build_loader
-from distributed.process_group import DistContext, barrier, init_distributed, shutdown
-from logger import create_logger
-from engine.metrics_log import MetricsLog
-from models import build_model
 from distributed.parallel import check_supported
-from models.adapt import fit_weights
+from distributed.process_group import DistContext, barrier, init_distributed, shutdown
+from engine import loops
+from engine.metrics_log import MetricsLog
 from engine.trainer import train
-from utils import (EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, ConfigError, DataError, DivergedError, atomic_write_text,
-                   report_error, seed_everything)
+from logger import create_logger
+from models import build_model
+from models.adapt import fit_weights
+from utils import (
+    EXIT_DIVERGED,
+    EXIT_USER_ERROR,
+    USER_ERRORS,
+    ConfigError,
+    DataError,
+    DivergedError,
+    atomic_write_text,
+    report_error,
+    seed_everything,
+)
 
 
 def run(config) -> int:

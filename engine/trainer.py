@@ -11,26 +11,26 @@ import datetime
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
 
 from checkpoints import files as ckpt
-from engine import loops
-from distributed import parallel
 from checkpoints import sharded as sharded_ckpt
-from utils import ConfigError
 from data import DevicePreprocessor
-from distributed.process_group import DistContext, broadcast_object, gather_objects
-from lr_scheduler import build_scheduler, scaled_learning_rates
+from distributed import parallel
 from distributed.memory_report import estimate_memory, report_lines
+from distributed.process_group import DistContext, broadcast_object, gather_objects
+from engine import loops
 from engine.metrics_log import MetricsLog
-from optimizer import build_optimizer, describe_param_groups
 from engine.preemption import StopRequest
+from lr_scheduler import build_scheduler, scaled_learning_rates
 from models.adapt import load_pretrained
-from utils import EXIT_PREEMPTED, USER_ERRORS, DivergedError
+from optimizer import build_optimizer, describe_param_groups
+from utils import EXIT_PREEMPTED, USER_ERRORS, ConfigError, DivergedError
+
 
 @dataclass
 class ResumePoint:
@@ -38,11 +38,11 @@ class ResumePoint:
     epoch: int
     step: int = 0
     loss_sum: float = 0.0
-    max_accuracy: Optional[float] = None
-    rng: Optional[dict] = None
-    path: Optional[str] = None
-    ema: Optional[dict] = None           # the checkpoint's EMA weights
-    max_ema_accuracy: Optional[float] = None
+    max_accuracy: float | None = None
+    rng: dict | None = None
+    path: str | None = None
+    ema: dict | None = None           # the checkpoint's EMA weights
+    max_ema_accuracy: float | None = None
 
 
 @dataclass
@@ -56,11 +56,11 @@ class Run:
     scaler: Any
     n_updates: int                 # optimizer updates per epoch
     logger: Any
-    metrics: Optional[MetricsLog] = None
-    max_accuracy: Optional[float] = None
+    metrics: MetricsLog | None = None
+    max_accuracy: float | None = None
     ema: Any = None                # timm ModelEmaV3 when TRAIN.EMA.ENABLE
-    max_ema_accuracy: Optional[float] = None
-    eval_model: Optional[nn.Module] = None  # torch.compile(model) for validation with TRAIN.COMPILE
+    max_ema_accuracy: float | None = None
+    eval_model: nn.Module | None = None  # torch.compile(model) for validation with TRAIN.COMPILE
 
     @property
     def effective_batch(self) -> int:
@@ -170,7 +170,7 @@ def _epochs(run: Run, parts, loader_train, loader_val, prep_val, amp_dtype, poin
             stopping = stop.agreed()
             due = config.SAVE_STEP_FREQ and updates_done % config.SAVE_STEP_FREQ == 0
             if stopping or (due and updates_done % run.n_updates):  # the epoch's own checkpoint follows
-                _save_mid_epoch(run, epoch, steps_done, updates_done, loss_sum.item())
+                _save_mid_epoch(run, epoch, steps_done, updates_done, loss_sum.item())  # noqa: B023 (called now)
             return stopping
 
         stats = loops.train_one_epoch(parts, loader_train, epoch, start, on_update)
@@ -196,7 +196,7 @@ def _epochs(run: Run, parts, loader_train, loader_val, prep_val, amp_dtype, poin
             record.update(_validate_ema(run, loader_val, prep_val, amp_dtype))
         stopping = stop.agreed()  # a signal during validation: this epoch's checkpoint is the last
         save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or stopping
-        _on_every_rank(ctx, lambda: _record_metrics(run, record))
+        _on_every_rank(ctx, lambda: _record_metrics(run, record))  # noqa: B023 (called now)
         if save_epoch or improved:
             _save_epoch(run, record, gather_objects({'rng': ckpt.capture_rng(), 'loss_sum': 0.0}),
                         save_epoch, improved)
@@ -208,7 +208,7 @@ def _epochs(run: Run, parts, loader_train, loader_val, prep_val, amp_dtype, poin
     return 0
 
 
-def _build_ema(config, model: nn.Module, point: ResumePoint, logger) -> Optional[ModelEmaV3]:
+def _build_ema(config, model: nn.Module, point: ResumePoint, logger) -> ModelEmaV3 | None:
     """TRAIN.EMA: a copy of the (loaded) weights, averaged after every update; a resumed run
     continues the checkpoint's average. The decay follows the global update count."""
     if not config.TRAIN.EMA.ENABLE:
@@ -247,7 +247,7 @@ def _scale_learning_rates(config, ctx: DistContext, logger) -> None:
 
 # --- resume -------------------------------------------------------------------------------
 
-def _find_resume(config, logger) -> tuple[Optional[str], Optional[dict]]:
+def _find_resume(config, logger) -> tuple[str | None, dict | None]:
     """--resume wins over auto-resume (and the log says so); else the newest readable
     checkpoint in the output folder when TRAIN.AUTO_RESUME is on. Returns the path and,
     when auto-resume already read it, its contents."""
@@ -264,7 +264,7 @@ def _find_resume(config, logger) -> tuple[Optional[str], Optional[dict]]:
     return None, None
 
 
-def _find_resume_on_main(config, ctx: DistContext, logger) -> tuple[Optional[str], Optional[dict]]:
+def _find_resume_on_main(config, ctx: DistContext, logger) -> tuple[str | None, dict | None]:
     """Rank 0 decides where to resume from; every rank gets the path (rank 0 also the
     contents it already read)."""
     path, state, refusal = None, None, None
@@ -277,7 +277,7 @@ def _find_resume_on_main(config, ctx: DistContext, logger) -> tuple[Optional[str
     return path, state
 
 
-def _other_run_in(folder: str) -> Optional[str]:
+def _other_run_in(folder: str) -> str | None:
     """Why a fresh start (auto-resume off) must not write into `folder`, if it holds a run."""
     found = ckpt.resume_candidates(folder)
     if not found:
@@ -288,7 +288,7 @@ def _other_run_in(folder: str) -> Optional[str]:
 
 def _restore(run: Run, state: dict, path: str) -> ResumePoint:
     """Load a training checkpoint strictly and say where to continue."""
-    config, ctx, logger = run.config, run.ctx, run.logger
+    ctx, logger = run.ctx, run.logger
     sharded = sharded_ckpt.SHARDED in state
     missing = [k for k in (() if sharded else ('model', 'optimizer')) + ('epoch',) if k not in state]
     if missing:

@@ -12,7 +12,6 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +101,7 @@ def read_class_map(path: str, num_classes: int, source_classes: int) -> torch.Te
     return torch.tensor(index, dtype=torch.long)
 
 
-def _file_window(state: dict, prefix: str) -> Optional[int]:
+def _file_window(state: dict, prefix: str) -> int | None:
     """The window a Swin V2 attention of the file was made for, from the derived buffers it
     carries (official files do; timm's do not)."""
     coords = state.get(prefix + 'relative_coords_table')
@@ -141,7 +140,7 @@ def rebuilt_coordinate_tables(model: torch.nn.Module, state: dict) -> list[str]:
     return [line]
 
 
-def _patch_grid(model: torch.nn.Module) -> Optional[tuple[int, int]]:
+def _patch_grid(model: torch.nn.Module) -> tuple[int, int] | None:
     grid = getattr(model, 'patches_resolution', None)
     return tuple(grid) if grid is not None else None
 
@@ -155,7 +154,7 @@ class _Fitter:
         self.report = report
         self.problems: list[str] = []
 
-    def fit(self, key: str, value: torch.Tensor) -> Optional[torch.Tensor]:
+    def fit(self, key: str, value: torch.Tensor) -> torch.Tensor | None:
         want = self.own[key]
         if value.shape == want.shape:
             return value
@@ -198,8 +197,8 @@ def _fit_head(model: torch.nn.Module, state: dict, out: dict, class_map: str, al
                                    f'{({*HEAD_KEYS} - {file_head[0]}).pop()}: an incomplete classifier')
     if not file_head:
         if class_map:
-            raise ckpt.CheckpointError(f'MODEL.PRETRAINED_CLASS_MAP is set but the pretrained file has no '
-                                       f'classifier to select classes from; set it to \'\'')
+            raise ckpt.CheckpointError('MODEL.PRETRAINED_CLASS_MAP is set but the pretrained file has no '
+                                       'classifier to select classes from; set it to \'\'')
         file_rows = None
     else:
         w, b = state['head.weight'], state['head.bias']

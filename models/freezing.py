@@ -29,7 +29,7 @@ class FreezableStages:
         self.train(self.training)
         return names
 
-    def train(self, mode: bool = True) -> 'FreezableStages':
+    def train(self, mode: bool = True) -> FreezableStages:
         super().train(mode)
         for name in self._frozen:
             self.get_submodule(name).eval()

@@ -8,7 +8,6 @@ allocations are measurable speed.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -118,8 +117,8 @@ class Mlp(nn.Module):
     Under torch.compile the plain ops are used and the compiler fuses them.
     """
 
-    def __init__(self, in_features: int, hidden_features: Optional[int] = None,
-                 out_features: Optional[int] = None, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.):
+    def __init__(self, in_features: int, hidden_features: int | None = None,
+                 out_features: int | None = None, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.):
         super().__init__()
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
@@ -130,7 +129,7 @@ class Mlp(nn.Module):
         self._exact_gelu = isinstance(self.act, nn.GELU) and self.act.approximate == 'none'
         self.spares = SpareBuffers(capacity=5)
 
-    def train(self, mode: bool = True) -> 'Mlp':
+    def train(self, mode: bool = True) -> Mlp:
         release_spares_in_eval(self, mode)
         return super().train(mode)
 
@@ -200,7 +199,7 @@ def _merge_heads(out: torch.Tensor, num_windows: int) -> torch.Tensor:
 
 
 def _attention_probabilities(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor, scale: float = 1.0,
-                             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) for (B, G, N, d) inputs, as (B*G, N, N) in their dtype
     (for bf16/fp16 the softmax kernel accumulates in fp32)."""
     B, G, N, d = q.shape
@@ -212,7 +211,7 @@ def _attention_probabilities(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.
 
 
 def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, scale: float,
-                   spares: Optional[SpareBuffers] = None) -> torch.Tensor:
+                   spares: SpareBuffers | None = None) -> torch.Tensor:
     """Forward attention on the CPU with the faster kernel for the dtype (measured on windows
     of 49-144 tokens): SDPA's flash kernel in fp32; matmul + softmax in bf16/fp16, where
     the flash kernel is about 1.5x slower."""
@@ -296,7 +295,7 @@ class _CpuWindowAttentionFunction(torch.autograd.Function):
 
 
 def window_attention(qkv: torch.Tensor, attn_mask: torch.Tensor, num_heads: int, num_windows: int,
-                     scale: float, dropout_p: float = 0., spares: Optional[SpareBuffers] = None) -> torch.Tensor:
+                     scale: float, dropout_p: float = 0., spares: SpareBuffers | None = None) -> torch.Tensor:
     """softmax(QK^T * scale + attn_mask) V for every window.
 
     qkv: (B*nW, N, 3C) from the qkv projection; attn_mask: (1, nW*heads, N, N), the bias

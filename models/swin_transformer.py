@@ -14,7 +14,7 @@ Differences from the official classification code, none of which change the func
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -23,8 +23,7 @@ from timm.layers import to_2tuple, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from .freezing import FreezableStages
-from .layers import (Mlp, SpareBuffers, add_drop_path, permute_tokens, release_spares_in_eval,
-                     window_attention)
+from .layers import Mlp, SpareBuffers, add_drop_path, permute_tokens, release_spares_in_eval, window_attention
 
 # Value the official code adds to logits of token pairs that belong to different
 # regions of a shifted window; kept (rather than -inf) so outputs match bit for bit.
@@ -54,7 +53,7 @@ def relative_position_index(window_size: tuple[int, int]) -> torch.Tensor:
 
 
 def shifted_window_mask(H: int, W: int, window_size: int, shift_size: int,
-                        device: Optional[torch.device] = None) -> torch.Tensor:
+                        device: torch.device | None = None) -> torch.Tensor:
     """(num_windows, N, N) additive mask: 0 within a region, MASK_VALUE across regions.
 
     After the cyclic shift, a window on the bottom/right border holds tokens from up to
@@ -94,13 +93,13 @@ class WindowAttentionBase(nn.Module):
         # Persistent, as in the official model, so state_dict keys match its checkpoints.
         self.register_buffer('relative_position_index', relative_position_index(window_size))
         self.spares = SpareBuffers(capacity=6)
-        self._joined: Optional[tuple] = None  # (key, joined mask) for inference
+        self._joined: tuple | None = None  # (key, joined mask) for inference
 
     def _apply(self, fn, *args, **kwargs):
         self._joined = None
         return super()._apply(fn, *args, **kwargs)
 
-    def train(self, mode: bool = True) -> 'WindowAttentionBase':
+    def train(self, mode: bool = True) -> WindowAttentionBase:
         # Fused optimizer kernels change weights without bumping their version counter, so
         # a mode switch (each epoch's train(), then validation's eval()) also starts anew.
         self._joined = None
@@ -119,7 +118,7 @@ class WindowAttentionBase(nn.Module):
         """(num_heads, N, N) additive bias of every token pair in a window."""
         raise NotImplementedError
 
-    def joined_mask(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def joined_mask(self, mask: torch.Tensor | None) -> torch.Tensor:
         """(1, num_windows * heads, N, N): the bias B plus the shift mask M of every window.
 
         Where the bias can change (a training step follows), it is joined anew, once per
@@ -143,7 +142,7 @@ class WindowAttentionBase(nn.Module):
             self._joined = (key, joined)
         return joined
 
-    def plain_output(self, logits: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def plain_output(self, logits: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The reference path after the q-k logits (B*nW, heads, N, N): add the bias and the
         shift mask, softmax, attention dropout, the values, the output projection."""
         B_, heads, N, _ = logits.shape
@@ -171,7 +170,7 @@ class WindowAttention(WindowAttentionBase):
     """
 
     def __init__(self, dim: int, window_size: tuple[int, int], num_heads: int, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.):
+                 qk_scale: float | None = None, attn_drop: float = 0., proj_drop: float = 0.):
         super().__init__(dim, window_size, num_heads)
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(
@@ -191,7 +190,7 @@ class WindowAttention(WindowAttentionBase):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (num_windows * B, N, C); mask: (num_windows, N, N) additive, or None."""
         if not self.fused:
             return self._forward_plain(x, mask)
@@ -200,7 +199,7 @@ class WindowAttention(WindowAttentionBase):
                                self.attn_drop.p if self.training else 0., self.spares)
         return self.proj_drop(self.proj(out))
 
-    def _forward_plain(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _forward_plain(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B_, N, C = x.shape
         q, k, v = self.qkv(x).view(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         return self.plain_output((q * self.scale) @ k.transpose(-2, -1), v, mask)
@@ -216,7 +215,7 @@ class SwinTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, window_size: int = 7,
                  shift_size: int = 0, mlp_ratio: float = 4., qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0.,
+                 qk_scale: float | None = None, drop: float = 0., attn_drop: float = 0.,
                  drop_path: float = 0., act_layer: type[nn.Module] = nn.GELU,
                  norm_layer: type[nn.Module] = nn.LayerNorm, fused_window_process: bool = False,
                  attn_layer: Callable[..., nn.Module] = WindowAttention):
@@ -316,7 +315,7 @@ class SwinTransformerBlock(nn.Module):
             y = y.view(B, Hp, Wp, C)[:, :H, :W].reshape(B, L, C)
         return y
 
-    def forward(self, x: torch.Tensor, H: Optional[int] = None, W: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, H: int | None = None, W: int | None = None) -> torch.Tensor:
         """x: (B, H*W, C) -> (B, H*W, C). H, W default to the construction resolution."""
         if H is None or W is None:
             H, W = self.input_resolution
@@ -340,8 +339,8 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = norm_layer(4 * dim)
 
-    def forward(self, x: torch.Tensor, H: Optional[int] = None,
-                W: Optional[int] = None) -> tuple[torch.Tensor, int, int]:
+    def forward(self, x: torch.Tensor, H: int | None = None,
+                W: int | None = None) -> tuple[torch.Tensor, int, int]:
         """(B, H*W, C) -> ((B, ceil(H/2)*ceil(W/2), 2C), H', W'); odd sizes are zero-padded."""
         if H is None or W is None:
             H, W = self.input_resolution
@@ -372,9 +371,9 @@ class BasicLayer(nn.Module):
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int,
                  window_size: int, mlp_ratio: float = 4., qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0.,
+                 qk_scale: float | None = None, drop: float = 0., attn_drop: float = 0.,
                  drop_path: float | list[float] = 0., norm_layer: type[nn.Module] = nn.LayerNorm,
-                 downsample: Optional[type[nn.Module]] = None, use_checkpoint: bool = False,
+                 downsample: type[nn.Module] | None = None, use_checkpoint: bool = False,
                  fused_window_process: bool = False, block_layer: Callable[..., nn.Module] = SwinTransformerBlock):
         super().__init__()
         self.dim = dim
@@ -411,7 +410,7 @@ class PatchEmbed(nn.Module):
     """Image to patch tokens by a strided convolution; sizes not divisible by the patch are padded."""
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 4,
-                 in_chans: int = 3, embed_dim: int = 96, norm_layer: Optional[type[nn.Module]] = None):
+                 in_chans: int = 3, embed_dim: int = 96, norm_layer: type[nn.Module] | None = None):
         super().__init__()
         img_size, patch_size = to_2tuple(img_size), to_2tuple(patch_size)
         self.img_size = img_size
@@ -448,7 +447,7 @@ class SwinTransformer(FreezableStages, nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 96, depths: list[int] = (2, 2, 6, 2), num_heads: list[int] = (3, 6, 12, 24),
                  window_size: int = 7, mlp_ratio: float = 4., qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, drop_rate: float = 0., attn_drop_rate: float = 0.,
+                 qk_scale: float | None = None, drop_rate: float = 0., attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1, norm_layer: type[nn.Module] = nn.LayerNorm, ape: bool = False,
                  patch_norm: bool = True, use_checkpoint: bool = False, fused_window_process: bool = False,
                  **kwargs):

@@ -19,7 +19,6 @@ the bias joined with the shift mask, as V1 does.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -53,7 +52,7 @@ def log_spaced_coords(window_size: tuple[int, int], pretrained_window_size: tupl
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
 
 
-def scaled_unit(t: torch.Tensor, scale: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None
+def scaled_unit(t: torch.Tensor, scale: torch.Tensor | None = None, keep: torch.Tensor | None = None
                 ) -> torch.Tensor:
     """t / max(|t|, eps) along the last dimension (F.normalize), times `scale` if given;
     where `keep` (broadcast like `scale`) is 1, t itself instead (scale 0 there).
@@ -140,7 +139,7 @@ class WindowAttention(v1.WindowAttentionBase):
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         return F.linear(x, self.qkv.weight, bias)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (num_windows * B, N, C); mask: (num_windows, N, N) additive, or None."""
         if not self.fused:
             return self._forward_plain(x, mask)
@@ -157,7 +156,7 @@ class WindowAttention(v1.WindowAttentionBase):
                                self.attn_drop.p if self.training else 0., self.spares)
         return self.proj_drop(self.proj(out))
 
-    def _forward_plain(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _forward_plain(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B_, N, C = x.shape
         qkv = self.qkv_projection(x).view(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -183,7 +182,7 @@ class SwinTransformerBlock(v1.SwinTransformerBlock):
                          mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop, attn_drop=attn_drop,
                          drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer, attn_layer=attn_layer)
 
-    def forward(self, x: torch.Tensor, H: Optional[int] = None, W: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, H: int | None = None, W: int | None = None) -> torch.Tensor:
         """x: (B, H*W, C) -> (B, H*W, C). H, W default to the construction resolution."""
         if H is None or W is None:
             H, W = self.input_resolution
@@ -198,8 +197,8 @@ class PatchMerging(v1.PatchMerging):
         super().__init__(input_resolution, dim, norm_layer)
         self.norm = norm_layer(2 * dim)  # V2 normalizes the projected 2C channels
 
-    def forward(self, x: torch.Tensor, H: Optional[int] = None,
-                W: Optional[int] = None) -> tuple[torch.Tensor, int, int]:
+    def forward(self, x: torch.Tensor, H: int | None = None,
+                W: int | None = None) -> tuple[torch.Tensor, int, int]:
         if H is None or W is None:
             H, W = self.input_resolution
         x, H, W = self.merge(x, H, W)
@@ -216,7 +215,7 @@ class BasicLayer(v1.BasicLayer):
     def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int,
                  window_size: int, mlp_ratio: float = 4., qkv_bias: bool = True, drop: float = 0.,
                  attn_drop: float = 0., drop_path: float | list[float] = 0.,
-                 norm_layer: type[nn.Module] = nn.LayerNorm, downsample: Optional[type[nn.Module]] = None,
+                 norm_layer: type[nn.Module] = nn.LayerNorm, downsample: type[nn.Module] | None = None,
                  use_checkpoint: bool = False, pretrained_window_size: int = 0):
         def block_layer(qk_scale=None, **kwargs):  # V2 has no qk_scale
             return SwinTransformerBlock(pretrained_window_size=pretrained_window_size, **kwargs)

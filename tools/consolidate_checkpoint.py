@@ -23,7 +23,6 @@ if ROOT not in sys.path:
 
 from checkpoints.files import OutputError, atomic_save, read_checkpoint  # noqa: E402
 from tools.checkpoint_model import USER_ERRORS, ToolError, load_model, tool_parser  # noqa: E402
-from checkpoints import sharded  # noqa: E402
 
 
 def consolidate(path: str, output: str, cfg: str | None = None) -> dict:

@@ -16,10 +16,11 @@ import os
 import sys
 
 import torch
-from yacs.config import CfgNode
 
 # checkpoint_model (next to this file) also puts the repo root on sys.path for `data`
 from checkpoint_model import USER_ERRORS, ToolError, load_model, tool_parser
+from yacs.config import CfgNode
+
 from data.decode import DecodeError
 from data.device_prep import DevicePreprocessor
 from data.sources import class_folders

@@ -15,7 +15,7 @@ import sys
 # Run as a script from any directory: the repo root holds the `data` package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.prepare import prepare_dataset  # noqa: E402
+from data.prepare import prepare_dataset
 
 
 def _count_images(root: str) -> dict[str, int]:

@@ -10,12 +10,12 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from checkpoints import files as ckpt  # noqa: E402
-from distributed import parallel  # noqa: E402
-from checkpoints import sharded  # noqa: E402
-from config import config_from_yaml_text  # noqa: E402
-from models import build_model  # noqa: E402
-from optimizer import build_optimizer  # noqa: E402
+from checkpoints import files as ckpt
+from checkpoints import sharded
+from config import config_from_yaml_text
+from distributed import parallel
+from models import build_model
+from optimizer import build_optimizer
 
 
 def main() -> int:

@@ -7,7 +7,6 @@ import pytest
 
 from helpers.runs import ROOT
 
-
 _DISTRIBUTED_SCRIPT = '''
 import json, os, sys
 sys.path.insert(0, {root!r})

@@ -11,8 +11,8 @@ from timm.utils import ModelEmaV3
 
 import main
 from engine import trainer
-from models.swin_transformer import SwinTransformer
 from helpers.runs import N_VAL, read_metrics
+from models.swin_transformer import SwinTransformer
 
 TINY_ARCH = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], drop_path_rate=0.0)
 

@@ -33,7 +33,7 @@ def test_two_nodes_through_c10d_rendezvous_equal_one_node_with_two_processes(cfg
              'node_b': _launch(node, cfg_file, shared, tmp_path),
              'single': _launch(single, cfg_file, reference, tmp_path)}
     results = collect(procs, timeout=240)
-    for name, (code, out, err) in results.items():
+    for name, (code, _, err) in results.items():
         assert code == 0, f'{name} exited {code}:\n{err[-3000:]}'
 
     multi_dir, single_dir = shared / 'tiny' / 'default', reference / 'tiny' / 'default'

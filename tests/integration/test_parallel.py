@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from checkpoints import files as ckpt
 import main
+from checkpoints import files as ckpt
 from checkpoints import sharded
-from models.swin_transformer import SwinTransformer
 from helpers.runs import N_VAL, ROOT, collect, free_port, read_metrics
+from models.swin_transformer import SwinTransformer
 
 # micro-batches of 4, two per update: the accumulation paths (no_sync, FSDP's
 # set_requires_gradient_sync) run in every comparison
@@ -103,7 +103,8 @@ def test_sharded_checkpoint_loads_into_another_process_count(runs, tmp_path, npr
     equal the checkpoint's tensors exactly (tests/helpers/reshard_worker.py)."""
     path = str(runs['fsdp'] / 'ckpt_epoch_1.dcp')
     (tmp_path / 'w').mkdir()
-    results = collect({nproc: _start('', tmp_path / 'w', nproc, script='tests/helpers/reshard_worker.py', args=[path])}, 300)
+    worker = _start('', tmp_path / 'w', nproc, script='tests/helpers/reshard_worker.py', args=[path])
+    results = collect({nproc: worker}, 300)
     _ok(results)
     assert results[nproc][1].count('tensors equal') == nproc
 
@@ -222,8 +223,9 @@ def test_ddp_uses_a_static_graph_where_valid(tmp_path, accumulation, compile_, s
     """Static mode for plain eager steps; not after no_sync micro-steps (DDP asserts there)
     nor under compile."""
     import torch.distributed as dist
-    from distributed import parallel
+
     from config import default_config
+    from distributed import parallel
     from distributed.process_group import DistContext
     config = default_config()
     config.TRAIN.ACCUMULATION_STEPS, config.TRAIN.COMPILE = accumulation, compile_
@@ -287,6 +289,7 @@ def test_fsdp_run_stopped_mid_epoch_resumes_bit_for_bit(cfg_file, tmp_path, monk
     """A stop signal inside epoch 1 of an fsdp run (one process, a group of one) writes a
     sharded mid-epoch checkpoint; resuming it ends equal to the uninterrupted run."""
     from test_resilience import RANDOMNESS, _stop_at
+
     from engine import preemption
     opts = ['TRAIN.PARALLEL', 'fsdp', 'TRAIN.EPOCHS', '2', 'SAVE_STEP_FREQ', '4', *RANDOMNESS]
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import main
-from engine import preemption
-from engine import runner
+from engine import preemption, runner
 from helpers.runs import ROOT, read_metrics, read_weights
 
 RANDOMNESS = ['MODEL.DROP_PATH_RATE', '0.2', 'AUG.MIXUP', '0.8', 'AUG.REPROB', '0.5', 'DATA.NUM_WORKERS', '1']

@@ -14,15 +14,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from engine import loops
 import main
 from data import DevicePrefetcher, DevicePreprocessor
 from distributed.process_group import wrap_ddp
-from lr_scheduler import build_scheduler
+from engine import loops
 from engine.metrics_log import MetricsLog
+from helpers.runs import read_weights, run_main
+from lr_scheduler import build_scheduler
 from models.swin_transformer import SwinTransformer
 from optimizer import build_optimizer
-from helpers.runs import read_weights, run_main
 
 CPU = torch.device('cpu')
 
@@ -153,7 +153,7 @@ def test_no_recompile_per_step_with_a_varying_last_batch():
     assert backend.graphs == after_train
 
 
-def test_compile_flag_trains_and_checkpoints_official_keys(cfg_file, tmp_path, monkeypatch):  # noqa: F811
+def test_compile_flag_trains_and_checkpoints_official_keys(cfg_file, tmp_path, monkeypatch):
     """--compile through main.py: one epoch trains, validates and saves a checkpoint whose
     keys are the eager model's (no `_orig_mod.`), with the compile time logged once.
     (aot_eager here: inductor would take minutes on this CPU.)"""
@@ -178,7 +178,7 @@ def test_compile_flag_trains_and_checkpoints_official_keys(cfg_file, tmp_path, m
 
 # --- prefetcher -----------------------------------------------------------------------------
 
-def test_prefetcher_yields_the_plain_batches(cfg_file):  # noqa: F811
+def test_prefetcher_yields_the_plain_batches(cfg_file):
     """Bit for bit the plain loop's batches, the last partial one included, with random
     erasing drawing the same random numbers in the same order."""
     config = main.parse_option(['--cfg', cfg_file, '--opts', 'AUG.REPROB', '0.5'])[1]
@@ -202,14 +202,14 @@ SYNCS = [(torch.Tensor, 'item'), (torch.Tensor, 'tolist'), (torch.Tensor, '__boo
          (loops, 'synchronize')]
 
 
-def test_no_host_sync_between_print_steps(cfg_file, tmp_path, monkeypatch):  # noqa: F811
+def test_no_host_sync_between_print_steps(cfg_file, tmp_path, monkeypatch):
     """Six CPU training steps with mixup, clipping and the fused optimizer: the first host
     sync is the print step's (the last step here), none before."""
     config = main.parse_option(['--cfg', cfg_file, '--opts', 'PRINT_FREQ', '1000', 'MODEL.NUM_CLASSES', '3',
                                 'AUG.MIXUP', '0.8', 'AUG.CUTMIX', '1.0', 'AUG.REPROB', '0.25',
                                 'MODEL.DROP_PATH_RATE', '0.1', 'TRAIN.ACCUMULATION_STEPS', '2'])[1]
-    from models import build_model
     from data import build_mixup
+    from models import build_model
     model = build_model(config)
     optimizer = build_optimizer(config, model)
     batches = [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (8,)))
@@ -224,7 +224,9 @@ def test_no_host_sync_between_print_steps(cfg_file, tmp_path, monkeypatch):  # n
     for owner, name in SYNCS:
         real = getattr(owner, name)
 
-        def counted(*args, _real=real, _name=f'{getattr(owner, "__name__", owner)}.{name}', **kwargs):
+        label = f'{getattr(owner, "__name__", owner)}.{name}'
+
+        def counted(*args, _real=real, _name=label, **kwargs):
             events.append(_name)
             return _real(*args, **kwargs)
         monkeypatch.setattr(owner, name, counted)

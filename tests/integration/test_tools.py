@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.runs import ROOT, collect
 from config import get_config
 from data.device_prep import DevicePreprocessor
 from data.transforms import build_transform
+from helpers.runs import ROOT, collect
 from models import build_model
 
 PREDICT = os.path.join(ROOT, 'tools', 'predict.py')
@@ -79,8 +79,8 @@ def setup(tmp_path_factory):
     ema_model = build_model(config).eval()
     ema_model.load_state_dict(ema)
     paths = {'ours': root / 'ours.pth', 'ema': root / 'ema.pth', 'official': root / 'official.pth',
-             'cfg': root / 'tiny.yaml', 'cfg_no_folders': root / 'no_folders.yaml', 'names': root / 'names.txt', 'short_names': root / 'short.txt',
-             'not_an_image': root / 'notes.jpg'}
+             'cfg': root / 'tiny.yaml', 'cfg_no_folders': root / 'no_folders.yaml', 'names': root / 'names.txt',
+             'short_names': root / 'short.txt', 'not_an_image': root / 'notes.jpg'}
     torch.save({'model': model.state_dict(), 'config': config.dump()}, paths['ours'])
     torch.save({'model': model.state_dict(), 'model_ema': ema, 'config': config.dump()}, paths['ema'])
     torch.save({'model': model.state_dict()}, paths['official'])

@@ -183,14 +183,15 @@ def test_clip_grad_zero_leaves_gradients_untouched():
 
 def test_no_sync_on_micro_steps_that_do_not_update(cfg_file, tmp_path, monkeypatch):
     """Under DDP, gradients are all-reduced only on the micro-step that updates."""
-    from config import get_config
-    from data import DevicePreprocessor, build_loader
-    from lr_scheduler import build_scheduler
-    from engine.metrics_log import MetricsLog
-    from models import build_model
-    from optimizer import build_optimizer
     import argparse
     import logging
+
+    from config import get_config
+    from data import DevicePreprocessor, build_loader
+    from engine.metrics_log import MetricsLog
+    from lr_scheduler import build_scheduler
+    from models import build_model
+    from optimizer import build_optimizer
 
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
     try:

@@ -167,7 +167,7 @@ def test_synthetic_dataset():
 def test_train_and_eval_shapes_and_ranges(data_root):
     config = _config(data_root)
     _, _, loader_train, loader_val, _ = build_loader(config, rank=0, world_size=1)
-    for loader, is_train in ((loader_train, True), (loader_val, False)):
+    for loader in (loader_train, loader_val):
         images, labels = next(iter(loader))
         assert images.dtype == torch.uint8 and images.shape == (4, 3, 64, 64)
         assert labels.dtype == torch.int64
@@ -416,13 +416,13 @@ def test_missing_train_or_val_folder(data_root, tmp_path):
 def test_empty_class_folder(tmp_path):
     _write_split(str(tmp_path), 'val', per_class=1, seed=0)
     os.makedirs(tmp_path / 'val' / 'empty_cls')
-    _one_line_error(_config(str(tmp_path), **{'EVAL_MODE': True}), 'empty_cls')
+    _one_line_error(_config(str(tmp_path), EVAL_MODE=True), 'empty_cls')
 
 
 def test_non_image_file(tmp_path):
     _write_split(str(tmp_path), 'val', per_class=1, seed=0)
     (tmp_path / 'val' / 'a_cls' / 'notes.txt').write_text('hello')
-    _one_line_error(_config(str(tmp_path), **{'EVAL_MODE': True}), 'notes.txt')
+    _one_line_error(_config(str(tmp_path), EVAL_MODE=True), 'notes.txt')
 
 
 def test_zip_map_listing_a_missing_member(data_root, tmp_path):
@@ -556,8 +556,9 @@ def test_validation_cache_holds_only_the_ranks_shard(zip_root):
 
 
 def test_choice_values_are_case_insensitive(data_root, tmp_path):
-    from config import get_config
     import argparse
+
+    from config import get_config
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('DATA:\n  INTERPOLATION: Bicubic\n  CACHE_MODE: Part\n  DATASET: ImageNet\n'
                    'AUG:\n  MIXUP_MODE: Pair\n  REMODE: Pixel\n')
@@ -575,8 +576,8 @@ def test_reduced_decode_box_mapping_has_no_drift():
         r = rng.choice([2, 4, 8])
         h, w = rng.randint(r, 400), rng.randint(r, 400)
         top, left = rng.randint(0, 500 - h), rng.randint(0, 500 - w)
-        t, l, hh, ww = _scaled_box((top, left, h, w), r, (-(-500 // r), -(-500 // r)))
-        errors += [(t * r - top) / r, (l * r - left) / r, ((t + hh) * r - top - h) / r]
+        t, lft, hh, ww = _scaled_box((top, left, h, w), r, (-(-500 // r), -(-500 // r)))
+        errors += [(t * r - top) / r, (lft * r - left) / r, ((t + hh) * r - top - h) / r]
         assert hh >= 1 and ww >= 1
     assert abs(float(np.mean(errors))) < 0.05 and max(map(abs, errors)) <= 0.5 + 1e-9
 

@@ -9,14 +9,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm.optim import Lamb, Lars
 
-from engine import loops
 import main
 import models
 from config import ConfigError
-from lr_scheduler import build_scheduler, scaled_learning_rates
-from optimizer import build_optimizer
+from engine import loops
 from helpers.configs import group_of, make_config, with_changes
 from helpers.runs import one_line_error
+from lr_scheduler import build_scheduler, scaled_learning_rates
+from optimizer import build_optimizer
 
 
 def _linear(seed: int = 0) -> nn.Linear:

@@ -156,7 +156,7 @@ def test_mlp_reuses_its_buffers_across_steps_without_changing_results():
     mlp = Mlp(8, 32).double().train()
     params = list(mlp.parameters())
     seen = set()
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(5, 8, dtype=torch.float64)
         g = torch.randn(5, 8, dtype=torch.float64)
         out, gx, gp = grads_of(mlp, params, x, g)

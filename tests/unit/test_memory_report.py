@@ -7,9 +7,9 @@ import types
 import pytest
 import torch
 
-from distributed import memory_report as mr
 import models
 from config import default_config
+from distributed import memory_report as mr
 
 IMG = 32
 

@@ -10,8 +10,8 @@ from timm.scheduler.step_lr import StepLRScheduler
 
 import models
 from config import ConfigError
-from lr_scheduler import LRScheduler, build_scheduler, scaled_learning_rates
 from helpers.configs import group_of, make_config, with_changes
+from lr_scheduler import LRScheduler, build_scheduler, scaled_learning_rates
 from optimizer import build_optimizer, describe_param_groups, swin_layer_id
 
 N_ITER = 7  # optimizer updates per epoch in the schedule tests
@@ -132,8 +132,9 @@ def test_layer_decay_groups_on_micro_model():
     num_layers = sum(depths) + 2
     groups = group_of(opt)
     params = dict(model.named_parameters())
-    expected = {'patch_embed.proj.weight': 0, 'absolute_pos_embed': num_layers - 1, 'layers.0.blocks.1.attn.qkv.weight': 2,
-                'layers.0.downsample.reduction.weight': depths[0], 'layers.1.blocks.0.norm1.weight': 3,
+    expected = {'patch_embed.proj.weight': 0, 'absolute_pos_embed': num_layers - 1,
+                'layers.0.blocks.1.attn.qkv.weight': 2, 'layers.0.downsample.reduction.weight': depths[0],
+                'layers.1.blocks.0.norm1.weight': 3,
                 'head.weight': num_layers - 1, 'norm.bias': num_layers - 1}
     for name, layer_id in expected.items():
         group = groups[id(params[name])]

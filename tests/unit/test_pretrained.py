@@ -9,8 +9,8 @@ import timm
 import torch
 
 from checkpoints import files as ckpt
-from models.swin_transformer import SwinTransformer
 from models.adapt import is_timm_layout, load_pretrained, resize_bias_table
+from models.swin_transformer import SwinTransformer
 
 ARCH = dict(patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], drop_path_rate=0.0)
 
@@ -202,7 +202,8 @@ def test_timm_state_dict_into_another_window_and_class_count(tmp_path, log):
                            window_size=6, num_classes=2, drop_path_rate=0.0).eval()
     report = load_pretrained(ours, _save(tmp_path, {'state_dict': state}), log)
     assert report.source_format == 'timm' and report.head == 'reinitialized' and len(report.resized) == 4
-    torch.testing.assert_close(ours.layers[0].downsample.reduction.weight, state['layers.1.downsample.reduction.weight'])
+    torch.testing.assert_close(ours.layers[0].downsample.reduction.weight,
+                               state['layers.1.downsample.reduction.weight'])
 
 
 def test_official_layout_is_not_mistaken_for_timm():

@@ -12,10 +12,10 @@ from timm.models.swin_transformer import checkpoint_filter_fn
 from torch.utils.flop_counter import FlopCounterMode
 
 from config import get_config, model_arch
-from models import build_model
 from helpers.models import rel_err, set_fused
 from helpers.runs import ROOT
-from models.swin_transformer import (SwinTransformer, SwinTransformerBlock, window_partition, window_reverse)
+from models import build_model
+from models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
 
 TINY = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24])
 # A small model with every feature of the real ones (shifted and unshifted stages, one-window stage).

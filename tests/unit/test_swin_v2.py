@@ -15,13 +15,19 @@ import torch.nn.functional as F
 from timm.models.swin_transformer_v2 import checkpoint_filter_fn
 
 from config import ConfigError, get_config
-from models import build_model
-from models.swin_transformer_v2 import (LOGIT_SCALE_MAX, SwinTransformerBlock, SwinTransformerV2, WindowAttention,
-                                        log_spaced_coords, scaled_unit)
-from optimizer import build_param_groups
-from models.adapt import load_pretrained
 from helpers.models import randomize, rel_err, set_fused
 from helpers.runs import ROOT
+from models import build_model
+from models.adapt import load_pretrained
+from models.swin_transformer_v2 import (
+    LOGIT_SCALE_MAX,
+    SwinTransformerBlock,
+    SwinTransformerV2,
+    WindowAttention,
+    log_spaced_coords,
+    scaled_unit,
+)
+from optimizer import build_param_groups
 
 TINY = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24])
 SMALL = dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24])
