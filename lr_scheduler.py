@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from yacs.config import CfgNode
 
-from config import LR_SCALINGS, LR_SCHEDULERS, ConfigError
+from config import LR_SCALINGS, LR_SCHEDULERS
+from utils import ConfigError
 
 # The official rule scales the learning rates to the batch relative to this reference batch
 REFERENCE_BATCH = 512
@@ -24,7 +25,7 @@ REFERENCE_BATCH = 512
 
 def scaled_learning_rates(config: CfgNode, world_size: int) -> dict[str, float]:
     """BASE_LR, WARMUP_LR and MIN_LR for the effective batch (batch x world size x
-    accumulation steps) under TRAIN.LR_SCALING; `main` writes them into the config."""
+    accumulation steps) under TRAIN.LR_SCALING; the runner settles them into the run's config."""
     effective = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS
     rule = config.TRAIN.LR_SCALING
     if rule == 'linear':

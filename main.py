@@ -11,7 +11,8 @@ import difflib
 import sys
 from collections.abc import Sequence
 
-from config import ConfigError, get_config
+from config import get_config
+from utils import ConfigError
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

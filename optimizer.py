@@ -16,7 +16,8 @@ from timm.optim import Lamb, Lars
 from torch.distributed.tensor import DTensor
 from yacs.config import CfgNode
 
-from config import OPTIMIZERS, ConfigError, model_arch
+from config import OPTIMIZERS, model_arch
+from utils import ConfigError
 
 
 def _no_decay_rules(model: nn.Module) -> tuple[set[str], tuple[str, ...]]:

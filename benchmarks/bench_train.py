@@ -1,16 +1,14 @@
 """Training-step throughput: our engine against timm's recipe for the same Swin, in one process.
 
-"Ours" is the project's real training step: `loops.train_one_epoch` over a `TrainParts`
-built as `trainer.train()` builds it (`models.build_model`, `optimizer.build_optimizer`,
-`lr_scheduler.build_scheduler`, `loops.build_criterion`, `loops.NonFiniteGuard`,
-`data.build_mixup`, `data.DevicePreprocessor`, a `MetricsLog` that writes nothing), from
+"Ours" is the project's real training step: `engine.loops.train_one_epoch` over the
+`engine.trainer.Trainer` a run builds (optimizer, schedule, criterion, non-finite guard,
+mixup, device preprocessing, step logger; metrics go to a temporary folder), from
 the official config (mixup 0.8 / cutmix 1.0, label smoothing 0.1, random erasing 0.25,
 TRAIN.CLIP_GRAD 5.0, AdamW). A loader-like iterable yields synthetic uint8 batches already
 on the device, so the real device preprocessing runs; one timed run is one
 `train_one_epoch` call of --steps micro-steps (it includes the engine's per-epoch work: a
-device sync, the loss all-reduce, the skip-counter read). Compile modes set TRAIN.COMPILE and
-hand the engine `loops.compile_model(...)` as `TrainParts.compiled`, as trainer.py does;
-timm's model gets `torch.compile(model)`.
+device sync, the loss all-reduce, the skip-counter read). Compile modes set TRAIN.COMPILE, so
+the Trainer compiles its training module as a run does; timm's model gets `torch.compile(model)`.
 
 "timm" is what timm's `train.py` does per step with the same flags: the PrefetchLoader's
 device normalization and RandomErasing, timm's Mixup with SoftTargetCrossEntropy, the
@@ -73,13 +71,12 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 from config import get_config
-from data import DevicePreprocessor, build_loader
-from data.build import build_mixup
-from engine import loops
-from engine.metrics_log import MetricsLog
-from lr_scheduler import build_scheduler
+from data import build_loader, build_mixup
+from distributed.process_group import DistContext
+from engine.amp import resolve_amp_dtype
+from engine.loops import EpochResult, train_one_epoch, updates_per_epoch
+from engine.trainer import Trainer
 from models import build_model
-from optimizer import build_optimizer
 from utils import synchronize
 
 MODES = ('eager_fp32', 'eager_bf16', 'compile_fp32', 'compile_bf16')
@@ -207,36 +204,27 @@ def synthetic_batch(config, device: torch.device, batch: int):
 # ----------------------------------------------------------------------------- the two steps
 
 class Ours:
-    """The project's training step: loops.train_one_epoch over TrainParts as trainer.train() builds them."""
+    """The project's training step: engine.loops.train_one_epoch over an engine.trainer.Trainer."""
 
     def __init__(self, config, device: torch.device, mode: str, steps_per_epoch: int, model=None):
         self.config, self.device = config, device
         self.model = model if model is not None else build_model(config).to(device)
         self.flops = float(self.model.flops())
-        compiling = mode.startswith('compile')
-        handles = {'model': self.model}
-        if compiling:  # the plain module plus a compiled handle, as trainer.py passes them
-            handles['compiled'] = loops.compile_model(self.model, config, LOG, 'model')
-        optimizer = build_optimizer(config, self.model)
-        amp_dtype, _ = loops.resolve_amp_dtype(config, device)
-        mixup_fn = build_mixup(config)
-        self.parts = loops.TrainParts(
-            config=config, optimizer=optimizer,
-            scheduler=build_scheduler(config, optimizer, steps_per_epoch),
-            scaler=loops.make_scaler(amp_dtype, device),
-            criterion=loops.build_criterion(config, mixup_fn is not None), mixup_fn=mixup_fn,
-            prep=DevicePreprocessor(config, device, is_train=True), device=device, amp_dtype=amp_dtype,
-            world_size=1, logger=LOG, metrics=MetricsLog(tempfile.gettempdir(), enabled=False),
-            guard=loops.NonFiniteGuard(device, config.TRAIN.MAX_CONSECUTIVE_SKIPS), **handles)
-        self.epoch = 0
+        amp_dtype, _ = resolve_amp_dtype(config, device)
         self.data = synthetic_batch(config, device, config.DATA.BATCH_SIZE)
+        self.trainer = Trainer(config, DistContext(0, 1, 0, device), self.model,
+                               SyntheticBatches(*self.data, steps_per_epoch), None, build_mixup(config), amp_dtype, LOG)
+        self.epoch = 0
 
-    def run(self, steps: int, loader=None) -> dict:
+    def run(self, steps: int, loader=None) -> EpochResult:
         loader = loader if loader is not None else SyntheticBatches(*self.data, steps)
-        stats = loops.train_one_epoch(self.parts, loader, self.epoch)
+        t = self.trainer  # each run is one epoch from its start, as Trainer.fit runs them
+        t.epoch, t.epoch_step = self.epoch, 0
+        t.loss_sum.zero_()
+        stats = train_one_epoch(t, loader, self.epoch)
         self.epoch = min(self.epoch + 1, self.config.TRAIN.EPOCHS - 1)
-        if stats['stop']:
-            raise RuntimeError(f"our engine stopped: {stats['stop']} {stats['message']}")
+        if stats.stop:
+            raise RuntimeError(f'our engine stopped: {stats.stop} {stats.message}')
         return stats
 
 
@@ -422,7 +410,7 @@ def end_to_end(args, mode: str, device: torch.device) -> dict:
         seconds = timed(device, lambda: ours.run(0, loader=timed_loader))
         if epoch >= args.e2e_warmup:
             rows.append((seconds, timed_loader.wait))
-    steps = loops.updates_per_epoch(len(loader_train), cfg.TRAIN.ACCUMULATION_STEPS) * cfg.TRAIN.ACCUMULATION_STEPS
+    steps = updates_per_epoch(len(loader_train), cfg.TRAIN.ACCUMULATION_STEPS) * cfg.TRAIN.ACCUMULATION_STEPS
     epoch_s = statistics.median(s for s, _ in rows)
     ips = steps * cfg.DATA.BATCH_SIZE / epoch_s
     row = {'device': str(device), 'mode': mode, 'data_path': root, 'images': made, 'workers': args.workers,

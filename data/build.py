@@ -98,10 +98,13 @@ def _check_same_classes(dataset_train, dataset_val) -> None:
                         f"labels would not match")
 
 
-def _data_num_classes(config, dataset_train, dataset_val) -> int:
-    """Folders name their classes; zip maps and 22k lists only number them, so there the
-    count is the largest label + 1 over the splits built, and never below the config's
-    (a split may lack the last classes, and a checkpoint's head must still fit)."""
+def data_num_classes(config, dataset_train, dataset_val) -> int:
+    """The class count the data gives. Folders name their classes; zip maps and 22k lists only
+    number them, so there the count is the largest label + 1 over the splits built, and never
+    below the config's (a split may lack the last classes, and a checkpoint's head must still
+    fit). Synthetic data keeps the config's."""
+    if config.DATA.DATASET.lower() == 'synthetic':
+        return config.MODEL.NUM_CLASSES
     built = [d for d in (dataset_train, dataset_val) if d is not None]
     if built[0].source.classes is not None:
         return built[0].num_classes
@@ -119,13 +122,43 @@ def _set_num_classes(config, num_classes: int, logger: logging.Logger) -> None:
         config.freeze()
 
 
+def build_datasets(config, rank: int = 0, world_size: int = 1, logger: logging.Logger | None = None):
+    """(dataset_train, dataset_val); no training split with EVAL_MODE or THROUGHPUT_MODE.
+    Raises DataError when the splits' class folders differ."""
+    logger = logger or logging.getLogger(config.MODEL.NAME)
+    build_train = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    dataset_val = build_dataset(config, False, rank, world_size, logger.name)
+    dataset_train = build_dataset(config, True, rank, world_size, logger.name) if build_train else None
+    if config.DATA.DATASET.lower() != 'synthetic':
+        _check_same_classes(dataset_train, dataset_val)
+    return dataset_train, dataset_val
+
+
+def build_loaders(config, dataset_train, dataset_val, rank: int = 0, world_size: int = 1):
+    """(loader_train, loader_val, mixup_fn) over built datasets; the training side is None
+    without a training split. config.MODEL.NUM_CLASSES must already be the data's (mixup's
+    targets have that many columns)."""
+    loader_val = _loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size,
+                                                   shuffle=config.TEST.SHUFFLE, seed=config.SEED),
+                         config, is_train=False, rank=rank)
+    if dataset_train is None:
+        return None, loader_val, None
+    if len(dataset_train) < config.DATA.BATCH_SIZE * world_size:
+        raise DataError(f'the training split has {len(dataset_train)} images, fewer than one batch of '
+                        f'{config.DATA.BATCH_SIZE} on each of {world_size} ranks; lower --batch-size')
+    sampler_train = TrainSampler(dataset_train, world_size, rank, seed=config.SEED)
+    loader_train = _loader(dataset_train, sampler_train, config, is_train=True, rank=rank)
+    return loader_train, loader_val, build_mixup(config)
+
+
 def build_loader(config, rank: int | None = None, world_size: int | None = None,
                  logger: logging.Logger | None = None):
-    """(dataset_train, dataset_val, loader_train, loader_val, mixup_fn).
+    """(dataset_train, dataset_val, loader_train, loader_val, mixup_fn), the official interface.
 
     With EVAL_MODE or THROUGHPUT_MODE the training side is not built (None for its three
-    entries, mixup_fn too). MODEL.NUM_CLASSES is set from the data, as the official code
-    does. Loader batches are uint8 (B, 3, S, S); `data.DevicePreprocessor` turns them into
+    entries, mixup_fn too). MODEL.NUM_CLASSES is set from the data in `config`, as the
+    official code does (a run settles it into its own config instead: engine/runner.py).
+    Loader batches are uint8 (B, 3, S, S); `data.DevicePreprocessor` turns them into
     normalized float on the device. Rank and world size default to torch.distributed's.
     config.SEED is the base seed of the training order and the augmentation and must be the
     same on every rank (seed the model's RNGs with SEED + rank elsewhere).
@@ -133,22 +166,6 @@ def build_loader(config, rank: int | None = None, world_size: int | None = None,
     if rank is None or world_size is None:
         rank, world_size = _rank_and_world()
     logger = logger or logging.getLogger(config.MODEL.NAME)
-    build_train = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
-
-    dataset_val = build_dataset(config, False, rank, world_size, logger.name)
-    dataset_train = build_dataset(config, True, rank, world_size, logger.name) if build_train else None
-    if config.DATA.DATASET.lower() != 'synthetic':
-        _check_same_classes(dataset_train, dataset_val)
-        _set_num_classes(config, _data_num_classes(config, dataset_train, dataset_val), logger)
-
-    loader_val = _loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size,
-                                                   shuffle=config.TEST.SHUFFLE, seed=config.SEED),
-                         config, is_train=False, rank=rank)
-    if not build_train:
-        return None, dataset_val, None, loader_val, None
-    if len(dataset_train) < config.DATA.BATCH_SIZE * world_size:
-        raise DataError(f'the training split has {len(dataset_train)} images, fewer than one batch of '
-                        f'{config.DATA.BATCH_SIZE} on each of {world_size} ranks; lower --batch-size')
-    sampler_train = TrainSampler(dataset_train, world_size, rank, seed=config.SEED)
-    loader_train = _loader(dataset_train, sampler_train, config, is_train=True, rank=rank)
-    return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)
+    dataset_train, dataset_val = build_datasets(config, rank, world_size, logger)
+    _set_num_classes(config, data_num_classes(config, dataset_train, dataset_val), logger)
+    return (dataset_train, dataset_val) + build_loaders(config, dataset_train, dataset_val, rank, world_size)

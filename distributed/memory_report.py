@@ -106,16 +106,13 @@ def _unique_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _fsdp_units(model: nn.Module) -> tuple[list[int], int]:
-    """Element counts of the FSDP units: each Swin block (a child of some `blocks` list),
-    and the root's rest."""
-    blocks = [m for m in model.modules() if isinstance(getattr(m, 'blocks', None), nn.ModuleList)]
-    units, in_blocks = [], set()
-    for stage in blocks:
-        for blk in stage.blocks:
-            ps = [p for p in blk.parameters() if id(p) not in in_blocks]
-            in_blocks.update(id(p) for p in ps)
-            units.append(sum(p.numel() for p in ps))
-    root = sum(p.numel() for _, p in _unique_params(model) if id(p) not in in_blocks)
+    """Element counts of the FSDP units: each of the model's `fsdp_units()`, and the root's rest."""
+    units, in_units = [], set()
+    for unit in model.fsdp_units():
+        ps = [p for p in unit.parameters() if id(p) not in in_units]
+        in_units.update(id(p) for p in ps)
+        units.append(sum(p.numel() for p in ps))
+    root = sum(p.numel() for _, p in _unique_params(model) if id(p) not in in_units)
     return units, root
 
 

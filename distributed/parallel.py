@@ -24,8 +24,8 @@ import torch.nn as nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from config import ConfigError
 from distributed.process_group import DistContext, wrap_ddp
+from utils import ConfigError
 
 _DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 
@@ -57,7 +57,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def shard_model(model: nn.Module, config, amp_dtype: torch.dtype | None, offload: bool = False) -> nn.Module:
-    """TRAIN.PARALLEL fsdp: `fully_shard` each Swin block, then the root, in place.
+    """TRAIN.PARALLEL fsdp: `fully_shard` each of the model's `fsdp_units()` (the Swin
+    blocks), then the root, in place.
     Call it after loading pretrained weights (they load into the full model) and before
     building the optimizer (which must see the shards). `offload`: keep the shards in
     (pinned) host memory, for CUDA runs."""
@@ -71,9 +72,8 @@ def shard_model(model: nn.Module, config, amp_dtype: torch.dtype | None, offload
                'reshard_after_forward': fsdp.RESHARD_AFTER_FORWARD}
     if offload:
         options['offload_policy'] = CPUOffloadPolicy()
-    for stage in model.layers:
-        for block in stage.blocks:
-            fully_shard(block, **options)
+    for unit in model.fsdp_units():
+        fully_shard(unit, **options)
     fully_shard(model, **options)
     return model
 

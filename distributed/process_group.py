@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from config import ConfigError
+from utils import USER_ERRORS, ConfigError, OutputError
 
 
 @dataclass(frozen=True)
@@ -138,3 +139,17 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def run_on_main(ctx: DistContext, work: Callable[[], Any]) -> None:
+    """Run rank 0's `work` (writing files) and raise its one-line error on every rank, so no
+    rank carries on into a collective that rank 0 will never join."""
+    message = None
+    if ctx.is_main:
+        try:
+            work()
+        except USER_ERRORS as e:
+            message = str(e)
+    message = broadcast_object(message)
+    if message is not None:
+        raise OutputError(message)

@@ -1,50 +1,51 @@
-"""The loops of a run: one training epoch, validation, and the throughput measurement,
-with the AMP, loss and logging choices they share."""
+"""The loops of a run as plain functions: one training epoch, validation and the throughput
+measurement, with the loss and compile choices they share.
+
+`train_one_epoch` is the maths of a step and nothing else: the Trainer owns the state it
+works on, the StepLogger reports it, and what happens between updates (stop signals,
+mid-epoch checkpoints) is the Trainer's `after_update`.
+"""
 from __future__ import annotations
 
-import contextlib
-import datetime
+import enum
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch.distributed.tensor import DTensor
 
 from config import model_arch
 from data.prefetch import DevicePrefetcher
-from distributed.parallel import gradient_sync, is_sharded, local_optimizer
+from distributed.parallel import gradient_sync, is_sharded
 from distributed.process_group import all_reduce_sum, max_over_ranks
-from engine.metrics_log import MetricsLog
-from utils import DivergedError, peak_memory_mb, synchronize  # noqa: F401
+from utils import synchronize
+
+from .amp import autocast_context
+from .guard import clip_grad_norm
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 
-def resolve_amp_dtype(config, device: torch.device) -> tuple[torch.dtype | None, str]:
-    """The autocast dtype (None: fp32) and a note for the log. bf16 falls back to fp16 on
-    GPUs without bf16 support."""
-    if not config.AMP_ENABLE:
-        return None, 'fp32 (AMP off)'
-    if config.AMP_DTYPE == 'fp16':
-        return torch.float16, 'fp16 autocast with a gradient scaler'
-    if device.type == 'cuda' and not torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.float16, 'fp16 autocast with a gradient scaler (this GPU has no bf16)'
-    return torch.bfloat16, 'bf16 autocast (no loss scaling)'
+class Stop(enum.Enum):
+    """Why an epoch ended early."""
+    SIGNAL = 'signal'      # every rank agreed to stop after a signal; the checkpoint is written
+    DIVERGED = 'diverged'  # too many consecutive non-finite updates
 
 
-def autocast_context(amp_dtype: torch.dtype | None, device: torch.device):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-def make_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
-    """A gradient scaler only for fp16: bf16 has fp32's exponent range and needs none."""
-    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+@dataclass
+class EpochResult:
+    train_loss: float   # mean over the epoch's micro-steps on all ranks
+    lr: float           # of the last update
+    img_per_s: float
+    train_time: float
+    updates: int        # optimizer updates done in the run
+    stop: Stop | None = None
+    message: str = ''   # why, for Stop.DIVERGED
 
 
 def build_criterion(config, mixup_active: bool) -> nn.Module:
@@ -57,35 +58,13 @@ def build_criterion(config, mixup_active: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-@dataclass
-class TrainParts:
-    """What a training epoch works with (built once by main)."""
-    config: Any
-    model: nn.Module            # DDP-wrapped when distributed (ddp, zero); with fsdp the sharded model
-    optimizer: torch.optim.Optimizer
-    scheduler: Any              # lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    criterion: nn.Module
-    mixup_fn: Any
-    prep: Any                   # data.DevicePreprocessor for training
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    world_size: int
-    logger: logging.Logger
-    metrics: MetricsLog
-    guard: NonFiniteGuard
-    ema: Any = None             # timm ModelEmaV3, updated after every optimizer update
-    compiled: nn.Module | None = None  # torch.compile(model) with TRAIN.COMPILE: runs the forward
-    compile_logged: bool = False  # the first compiled steps' time is logged once per run
-
-
-def compile_model(model: nn.Module, config, logger: logging.Logger, what: str) -> nn.Module | None:
-    """`torch.compile(model)` with TRAIN.COMPILE (None without): a handle that shares the
+def compile_model(model: nn.Module, config, logger: logging.Logger, what: str) -> nn.Module:
+    """`torch.compile(model)` with TRAIN.COMPILE, else `model`: a handle that shares the
     module's weights, so checkpoints keep being written from the plain module (a compiled
     module's state_dict keys start with `_orig_mod.`). Batch-size changes (the validation's
     last batch) cost one recompilation to a dynamic batch dimension, not one per step."""
     if not config.TRAIN.COMPILE:
-        return None
+        return model
     logger.info(f'torch.compile: {what} (compiled on the first step)')
     return torch.compile(model)
 
@@ -94,189 +73,55 @@ def updates_per_epoch(num_batches: int, accumulation_steps: int) -> int:
     return num_batches // accumulation_steps
 
 
-def _grad_norm(parameters: list[torch.Tensor], clip: float | None) -> torch.Tensor:
-    """Clip to `clip` and return the norm before clipping; with no clip only measure (the
-    gradients are not touched, not even multiplied by 1)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads)
-    if isinstance(norm, DTensor):  # FSDP shards: the norm over all ranks' pieces
-        norm = norm.full_tensor()
-    if clip:
-        torch.nn.utils.clip_grads_with_norm_(parameters, clip, norm)
-    return norm
-
-
-class NonFiniteGuard:
-    """Skips an update whose gradient norm is not finite (a non-finite loss makes it so),
-    for fp16 and bf16 alike, and counts skips on the device: with a fused optimizer the
-    skip is the kernel's `found_inf` flag, so no step waits for the GPU. The gradients are
-    all-reduced before the norm, so every rank takes the same decision."""
-
-    def __init__(self, device: torch.device, limit: int):
-        self.limit = limit
-        self.total = torch.zeros((), dtype=torch.int64, device=device)
-        self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
-        self.last_update = torch.full((), -1, dtype=torch.int64, device=device)
-        self.reported = 0
-
-    def step(self, optimizer: torch.optim.Optimizer, scaler, grad_norm: torch.Tensor, update: int) -> None:
-        bad = ~torch.isfinite(grad_norm.to(self.total.device))  # CPU-offloaded shards give a CPU norm
-        self.total += bad
-        self.consecutive = (self.consecutive + 1) * bad
-        self.last_update = torch.where(bad, torch.full_like(self.last_update, update), self.last_update)
-        kernel = local_optimizer(optimizer)  # ZeRO's step runs its per-rank optimizer
-        if scaler is not None:  # the scaler skips non-finite gradients by itself
-            scaler.step(optimizer)
-            scaler.update()
-        elif kernel.defaults.get('fused'):
-            kernel.found_inf = bad.float().to(kernel.param_groups[0]['params'][0].device)
-            optimizer.step()
-            del kernel.found_inf
-        elif not bad.item():  # other kernels cannot skip on the device
-            optimizer.step()
-
-    def check(self, logger: logging.Logger) -> str | None:
-        """Log new skips; past the limit, the message to stop with (reads the counters:
-        call it only where the loop waits for the device anyway)."""
-        total, consecutive = int(self.total.item()), int(self.consecutive.item())
-        if total > self.reported:
-            logger.warning(f'skipped {total - self.reported} update(s) with a non-finite loss or gradient norm '
-                           f'(last: update {int(self.last_update.item())}; {total} in this run)')
-            self.reported = total
-        if consecutive < self.limit:
-            return None
-        return (f'{consecutive} consecutive updates had a non-finite loss or gradient norm '
-                           f'(TRAIN.MAX_CONSECUTIVE_SKIPS {self.limit}); likely causes: a learning rate too '
-                           f'high (lower TRAIN.BASE_LR, lengthen TRAIN.WARMUP_EPOCHS, set TRAIN.CLIP_GRAD) or fp16 '
-                f'overflow (use AMP_DTYPE bf16)')
-
-
-@dataclass
-class EpochStart:
-    """Where an epoch begins: micro-steps already done (a mid-epoch resume) and their loss."""
-    step: int = 0
-    loss_sum: float = 0.0
-
-
-def train_one_epoch(parts: TrainParts, loader, epoch: int, start: EpochStart | None = None,
-                    on_update: Callable[[int, int, torch.Tensor], bool] | None = None) -> dict[str, Any]:
-    """One pass over the training loader: `TRAIN.ACCUMULATION_STEPS` micro-batches per
-    optimizer update (gradients all-reduced only on the last one), the LR set per update,
-    a log line every PRINT_FREQ micro-steps. Nothing waits for the device except on those
-    lines and at the end. `start` resumes inside the epoch (the sampler must already skip
-    the samples done). After each update `on_update(steps_done, updates_done, loss_sum)`
-    may save a checkpoint and return True to stop the epoch there. Returns the epoch's mean
-    loss over all ranks, the LR, images/s, and `stop`: None, 'signal' (on_update asked) or
-    'diverged' (with `message`: too many non-finite updates in a row)."""
-    cfg, model, optimizer, device = parts.config, parts.model, parts.optimizer, parts.device
-    start = start or EpochStart()
-    accum = cfg.TRAIN.ACCUMULATION_STEPS
-    n_updates = updates_per_epoch(len(loader), accum)
-    n_steps = n_updates * accum  # a trailing partial accumulation would leak into the next epoch
-    first_update = epoch * n_updates
-    params = [p for p in model.parameters() if p.requires_grad]
-    ddp = isinstance(model, nn.parallel.DistributedDataParallel)  # its module is the plain model
-    clip = cfg.TRAIN.CLIP_GRAD or None
-
-    net = parts.compiled if parts.compiled is not None else model
-    net.train()  # through a compiled handle too: its guards read the modules' flags
-    optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.full((), start.loss_sum, device=device, dtype=torch.float64)
-    grad_norm = torch.zeros((), device=device)
-    logged_loss, logged_step = start.loss_sum, start.step
-    epoch_start = interval_start = time.perf_counter()
-    prefetcher = DevicePrefetcher(loader, parts.prep)  # batch n+1 is read and copied during step n
-    batches = iter(prefetcher)
-    timing_compile = parts.compiled is not None and not parts.compile_logged
-    first_step_s = 0.0
-    stop, message, check_due = None, None, False
-    for step in range(start.step, n_steps):
-        images, targets = next(batches)
-        if parts.mixup_fn is not None:
-            images, targets = parts.mixup_fn(images, targets)
-
+def train_one_epoch(t: Trainer, loader, epoch: int) -> EpochResult:
+    """One pass over `loader` from micro-step `t.epoch_step` (a resumed epoch: the sampler
+    already skips what was done): TRAIN.ACCUMULATION_STEPS micro-batches per optimizer
+    update, gradients all-reduced only on the last, clipped, the update skipped if not
+    finite, the EMA and the LR moved on. Returns early with `Stop` when the trainer stops
+    after an update or the updates diverge."""
+    accum = t.config.TRAIN.ACCUMULATION_STEPS
+    n_steps = t.updates_per_epoch * accum  # a trailing partial accumulation would leak into the next epoch
+    params = [p for p in t.train_module.parameters() if p.requires_grad]
+    clip = t.config.TRAIN.CLIP_GRAD or None
+    t.forward_module.train()  # through a compiled handle too: its guards read the modules' flags
+    t.optimizer.zero_grad(set_to_none=True)
+    batches = DevicePrefetcher(loader, t.prep_train)  # batch n+1 is read and copied during step n
+    t.step_logger.start_epoch(t, epoch, n_steps, batches)
+    grad_norm, check_due = torch.zeros((), device=t.device), False
+    for step, (images, targets) in zip(range(t.epoch_step, n_steps), batches):
+        if t.mixup_fn is not None:
+            images, targets = t.mixup_fn(images, targets)
         updating = (step + 1) % accum == 0
-        with gradient_sync(model, updating):
-            with autocast_context(parts.amp_dtype, device):
-                outputs = net(images)
-            loss = parts.criterion(outputs.float(), targets)
+        with gradient_sync(t.train_module, updating):
+            with autocast_context(t.amp_dtype, t.device):
+                outputs = t.forward_module(images)
+            loss = t.criterion(outputs.float(), targets)
             scaled = loss / accum  # the update equals one batch of accum x batch images
-            if parts.scaler is not None:
-                parts.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-        loss_sum += loss.detach()
-
-        printing = (step + 1) % cfg.PRINT_FREQ == 0 or step + 1 == n_steps
+            (scaled if t.scaler is None else t.scaler.scale(scaled)).backward()
+        t.loss_sum += loss.detach()
         if updating:
-            update = first_update + step // accum
-            if parts.scaler is not None:
-                parts.scaler.unscale_(optimizer)
-            grad_norm = _grad_norm(params, clip)
-            parts.guard.step(optimizer, parts.scaler, grad_norm, update)
-            if parts.ema is not None:  # step = updates done, so a resumed run gets the same decays
-                parts.ema.update(model.module if ddp else model, step=update + 1)
-            optimizer.zero_grad(set_to_none=True)
-            parts.scheduler.step_update(update + 1)
-        if timing_compile and step == start.step:  # host time: compilation dominates it
-            first_step_s = time.perf_counter() - epoch_start
-
-        if printing:
-            synchronize(device)
-            now = time.perf_counter()
-            steps = step + 1 - logged_step
-            total = loss_sum.item()
-            step_time = (now - interval_start) / steps
-            update = first_update + step // accum
-            lr = parts.scheduler.lr_at(update)
-            scale = parts.scaler.get_scale() if parts.scaler is not None else None
-            norm = grad_norm.item()
-            if timing_compile:
-                timing_compile, parts.compile_logged = False, True
-                rest = (now - epoch_start - first_step_s) / (steps - 1) if steps > 1 else None
-                parts.logger.info(f'torch.compile: first step took {first_step_s:.1f} s (compilation)'
-                                  + (f', the next {steps - 1} took {rest:.4f} s each' if rest is not None else ''))
-            eta = datetime.timedelta(seconds=int(step_time * (n_steps - step - 1)))
-            parts.logger.info(
-                f'Train: [{epoch}/{cfg.TRAIN.EPOCHS}][{step + 1}/{n_steps}]  eta {eta}  lr {lr:.6g}  '
-                f'wd {cfg.TRAIN.WEIGHT_DECAY:.4f}  time {step_time:.4f}  data {prefetcher.wait_s / steps:.4f}  '
-                f'img/s {images.shape[0] * parts.world_size / step_time:.1f}  '
-                f'loss {(total - logged_loss) / steps:.4f} ({total / (step + 1):.4f})  '
-                f'grad_norm {norm:.4f}' + (f'  loss_scale {scale:.0f}' if scale is not None else '')
-                + f'  mem {peak_memory_mb(device):.0f}MB')
-            parts.metrics.scalars(update, {'train/loss': (total - logged_loss) / steps, 'train/lr': lr,
-                                           'train/grad_norm': norm})
-            logged_loss, logged_step, interval_start, prefetcher.wait_s = total, step + 1, now, 0.0
+            update = t.updates_done
+            if t.scaler is not None:
+                t.scaler.unscale_(t.optimizer)
+            grad_norm = clip_grad_norm(params, clip)
+            t.guard.step(t.optimizer, t.scaler, grad_norm, update)  # the optimizer step, unless not finite
+            if t.ema is not None:  # step = updates done, so a resumed run gets the same decays
+                t.ema.update(t.model, step=update + 1)
+            t.optimizer.zero_grad(set_to_none=True)
+            t.scheduler.step_update(update + 1)
+            t.epoch_step = step + 1
+        t.step_logger.step_done(step)
+        if t.step_logger.due(t, step):
+            t.step_logger.log(t, step, grad_norm, images.shape[0])
             check_due = True  # at the next update boundary, where a checkpoint could be taken
-
-        if updating and check_due:
-            check_due = False
-            message = parts.guard.check(parts.logger)
-            if message:
-                stop = 'diverged'
-                break
-        if updating and on_update is not None and on_update(step + 1, first_update + (step + 1) // accum, loss_sum):
-            stop = 'signal'
-            break
-
-    synchronize(device)
-    elapsed = time.perf_counter() - epoch_start
-    steps_done = step + 1 if n_steps > start.step else start.step
-    totals = all_reduce_sum(torch.stack([loss_sum, torch.full((), steps_done, dtype=torch.float64, device=device)]))
-    images_seen = (steps_done - start.step) * cfg.DATA.BATCH_SIZE * parts.world_size
-    result = {'train_loss': (totals[0] / totals[1]).item(),
-              'lr': parts.scheduler.lr_at(first_update + steps_done // accum - 1),
-              'img_per_s': images_seen / elapsed, 'train_time': elapsed,
-              'updates': first_update + steps_done // accum, 'steps_done': steps_done,
-              'loss_sum': loss_sum.item(), 'stop': stop, 'message': message}
-    if stop is None:
-        result['message'] = parts.guard.check(parts.logger)
-        result['stop'] = 'diverged' if result['message'] else None
-        parts.logger.info(f'EPOCH {epoch} training took {datetime.timedelta(seconds=int(elapsed))}, '
-                          f'{result["img_per_s"]:.1f} images/s, loss {result["train_loss"]:.4f}')
-    return result
+        if updating and check_due and (message := t.guard.check(t.logger)):
+            return EpochResult(**t.step_logger.summary(t, finished=False), stop=Stop.DIVERGED, message=message)
+        check_due = check_due and not updating
+        if updating and (stop := t.after_update()):
+            return EpochResult(**t.step_logger.summary(t, finished=False), stop=stop)
+    message = t.guard.check(t.logger)
+    stop = Stop.DIVERGED if message else None
+    return EpochResult(**t.step_logger.summary(t, finished=stop is None), stop=stop, message=message or '')
 
 
 def validate(config, model: nn.Module, loader, prep, device: torch.device, amp_dtype: torch.dtype | None,

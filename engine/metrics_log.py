@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from checkpoints.files import OutputError, atomic_write_text
+from utils import OutputError, atomic_write_text
 
 METRICS_FILE = 'metrics.jsonl'
 

@@ -1,7 +1,7 @@
 """Stopping on a signal without losing work: SIGTERM, SIGINT and SIGUSR1 (what SLURM and
 Kubernetes send before killing a job) ask the run to stop after the current optimizer
 update; every rank agrees on the same update, one checkpoint is written, and the process
-exits with EXIT_PREEMPTED so a scheduler can requeue it. A second signal exits at once.
+exits with utils.EXIT_PREEMPTED so a scheduler can requeue it. A second signal exits at once.
 """
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from utils import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USER_ERROR  # noqa: F401
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, 'SIGUSR1', None)) if s is not None)
 

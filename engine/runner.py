@@ -6,7 +6,6 @@ User mistakes found here (data, checkpoints, output folder) raise one-line error
 """
 from __future__ import annotations
 
-import copy
 import fcntl
 import os
 import platform
@@ -16,16 +15,15 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from checkpoints import files as ckpt
-from data import DevicePreprocessor, build_loader
+from checkpoints.checkpointer import Checkpointer
+from checkpoints.folder import remove_stale_temporaries
+from checkpoints.reading import load_pretrained, read_checkpoint
+from data import DevicePreprocessor, build_datasets, build_loaders, data_num_classes
 from distributed.parallel import check_supported
 from distributed.process_group import DistContext, barrier, init_distributed, shutdown
-from engine import loops
-from engine.metrics_log import MetricsLog
-from engine.trainer import train
 from logger import create_logger
+from lr_scheduler import scaled_learning_rates
 from models import build_model
-from models.adapt import fit_weights
 from utils import (
     EXIT_DIVERGED,
     EXIT_USER_ERROR,
@@ -37,6 +35,11 @@ from utils import (
     report_error,
     seed_everything,
 )
+
+from .amp import resolve_amp_dtype
+from .evaluation import evaluate
+from .loops import compile_model, throughput
+from .trainer import Trainer
 
 
 def run(config) -> int:
@@ -107,12 +110,7 @@ def _prepare_builtin_data(config, ctx: DistContext, logger) -> None:
     barrier()
 
 
-def _write_config(config) -> None:
-    path = os.path.join(config.OUTPUT, 'config.yaml')
-    atomic_write_text(config.dump(), path)
-
-
-def _log_environment(config, ctx: DistContext, logger, amp_note: str) -> None:
+def _log_environment(ctx: DistContext, logger, amp_note: str) -> None:
     device = ctx.device
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'
     logger.info(f'python {platform.python_version()}, torch {torch.__version__}, torchvision '
@@ -122,34 +120,60 @@ def _log_environment(config, ctx: DistContext, logger, amp_note: str) -> None:
                 f'{torch.get_num_threads()} CPU threads, precision: {amp_note}')
 
 
+def settle_config(config, world_size: int, num_classes: int, logger):
+    """The run's config, complete before anything uses it: MODEL.NUM_CLASSES from the data
+    and, for training, the learning rates scaled for the effective batch (TRAIN.LR_SCALING,
+    the official rule by default), as the official code settles them. A new frozen config:
+    config.yaml and every checkpoint's `config` hold exactly these values."""
+    settled = config.clone()
+    settled.defrost()
+    if num_classes != config.MODEL.NUM_CLASSES:
+        logger.info(f'MODEL.NUM_CLASSES set to {num_classes} from the data (the config said '
+                    f'{config.MODEL.NUM_CLASSES})')
+    settled.MODEL.NUM_CLASSES = num_classes
+    if not (config.EVAL_MODE or config.THROUGHPUT_MODE):
+        s = scaled_learning_rates(config, world_size)
+        logger.info(f'effective batch {s["effective_batch"]} = {config.DATA.BATCH_SIZE} per process x '
+                    f'{world_size} processes x {config.TRAIN.ACCUMULATION_STEPS} accumulation steps; LR scaling '
+                    f'{config.TRAIN.LR_SCALING} (x{s["factor"]:.4g}): BASE_LR {config.TRAIN.BASE_LR:.4g} -> '
+                    f'{s["base_lr"]:.4g}, WARMUP_LR {config.TRAIN.WARMUP_LR:.4g} -> {s["warmup_lr"]:.4g}, '
+                    f'MIN_LR {config.TRAIN.MIN_LR:.4g} -> {s["min_lr"]:.4g}')
+        settled.TRAIN.BASE_LR, settled.TRAIN.WARMUP_LR, settled.TRAIN.MIN_LR = s['base_lr'], s['warmup_lr'], s['min_lr']
+    settled.freeze()
+    return settled
+
+
+def _write_config(config, ctx: DistContext, logger) -> None:
+    if ctx.is_main:
+        path = os.path.join(config.OUTPUT, 'config.yaml')
+        atomic_write_text(config.dump(), path)
+        logger.info(f'config written to {path}')
+
+
 def _run(config, ctx: DistContext) -> int:
     seed_everything(config.SEED + ctx.rank)
     logger = create_logger(config.OUTPUT, ctx.rank, config.MODEL.NAME)
     if ctx.is_main:
-        for name in ckpt.remove_stale_temporaries(config.OUTPUT):
+        for name in remove_stale_temporaries(config.OUTPUT):
             logger.info(f'removed {name}, a temporary file left by a process killed while writing')
-    amp_dtype, amp_note = loops.resolve_amp_dtype(config, ctx.device)
-    _log_environment(config, ctx, logger, amp_note)
-
+    amp_dtype, amp_note = resolve_amp_dtype(config, ctx.device)
+    _log_environment(ctx, logger, amp_note)
     if config.THROUGHPUT_MODE:
-        model = _build_model(config, ctx, logger)
-        if ctx.is_main:
-            _write_config(config)
-        compiled = loops.compile_model(model, config, logger, 'inference forward')
-        loops.throughput(model if compiled is None else compiled, config, ctx.device, amp_dtype, logger)
+        _write_config(config, ctx, logger)
+        model = compile_model(_build_model(config, ctx, logger), config, logger, 'inference forward')
+        throughput(model, config, ctx.device, amp_dtype, logger)
         return 0
 
     _prepare_builtin_data(config, ctx, logger)
-    _, _, loader_train, loader_val, mixup_fn = build_loader(config, ctx.rank, ctx.world_size, logger)
-    if ctx.is_main:  # after the data set MODEL.NUM_CLASSES; LRs as given (before batch scaling)
-        _write_config(config)
-        logger.info(f'config written to {os.path.join(config.OUTPUT, "config.yaml")}')
+    dataset_train, dataset_val = build_datasets(config, ctx.rank, ctx.world_size, logger)
+    config = settle_config(config, ctx.world_size, data_num_classes(config, dataset_train, dataset_val), logger)
+    _write_config(config, ctx, logger)
+    loader_train, loader_val, mixup_fn = build_loaders(config, dataset_train, dataset_val, ctx.rank, ctx.world_size)
     model = _build_model(config, ctx, logger)
-    prep_val = DevicePreprocessor(config, ctx.device, is_train=False)
-
     if config.EVAL_MODE:
-        return _evaluate_only(config, ctx, model, loader_val, prep_val, amp_dtype, logger)
-    return train(config, ctx, model, loader_train, loader_val, mixup_fn, prep_val, amp_dtype, logger)
+        prep_val = DevicePreprocessor(config, ctx.device, is_train=False)
+        return evaluate(config, ctx, model, loader_val, prep_val, amp_dtype, logger)
+    return _train(config, ctx, model, loader_train, loader_val, mixup_fn, amp_dtype, logger)
 
 
 def _build_model(config, ctx: DistContext, logger) -> nn.Module:
@@ -161,41 +185,16 @@ def _build_model(config, ctx: DistContext, logger) -> nn.Module:
     return model
 
 
-def _evaluate_only(config, ctx: DistContext, model, loader_val, prep_val, amp_dtype, logger) -> int:
-    """--eval: score the weights of --resume (strictly) or --pretrained (adapted as for
-    fine-tuning, but never with an untrained head) on the validation split; the EMA weights
-    too when the checkpoint holds them."""
-    path = config.MODEL.RESUME or config.MODEL.PRETRAINED
-    checkpoint = ckpt.read_checkpoint(path)
-
-    def load(target: nn.Module, entry: dict, source: str) -> None:
-        state = ckpt.model_state_dict(entry)
-        if config.MODEL.RESUME:
-            ckpt.load_model_weights(target, state, source)
-        else:
-            fit_weights(target, state, source, logger, config.MODEL.PRETRAINED_CLASS_MAP, allow_head_reinit=False)
-
-    load(model, checkpoint, path)
-    scored = [('model', model)]
-    if isinstance(checkpoint.get('model_ema'), dict):
-        ema = copy.deepcopy(model)
-        load(ema, checkpoint['model_ema'], f'{path} (model_ema)')
-        scored.append(('EMA model', ema))
-    epoch = checkpoint.get('epoch')
-    line = {'mode': 'eval', 'epoch': epoch if isinstance(epoch, int) else None, 'checkpoint': os.path.abspath(path),
-            'train_loss': None, 'lr': None}
-    for name, weights in scored:
-        logger.info(f'evaluating the {name} weights of {path}')
-        compiled = loops.compile_model(weights, config, logger, f'{name} forward')
-        scorer = weights if compiled is None else compiled
-        result = loops.validate(config, scorer, loader_val, prep_val, ctx.device, amp_dtype, logger)
-        logger.info(f'Accuracy of the {name} on the {result["n_images"]} test images: '
-                    f'top-1 {result["acc1"]:.2f}%  top-5 {result["acc5"]:.2f}%')
-        prefix = '' if name == 'model' else 'ema_'
-        line.update({f'{prefix}acc1': result['acc1'], f'{prefix}acc5': result['acc5'],
-                     f'{prefix}val_loss': result['val_loss']})
-        if name == 'model':
-            line.update({'n_images': result['n_images'],
-                         'img_per_s': result['n_images'] / max(result['val_time'], 1e-9)})
-    MetricsLog(config.OUTPUT, ctx.is_main, tensorboard=False).append(line)
-    return 0
+def _train(config, ctx: DistContext, model: nn.Module, loader_train, loader_val, mixup_fn, amp_dtype, logger) -> int:
+    """Resume (the checkpoint's weights) or start from --pretrained (into the full model,
+    before any sharding), then fit."""
+    checkpointer = Checkpointer(config.OUTPUT, ctx, logger)
+    path, state = checkpointer.find_resume(config)
+    if path and config.MODEL.PRETRAINED:
+        logger.info(f'--pretrained {config.MODEL.PRETRAINED} is not used: the run resumes from {path}')
+    elif config.MODEL.PRETRAINED:
+        load_pretrained(model, config.MODEL.PRETRAINED, logger, config.MODEL.PRETRAINED_CLASS_MAP)
+    with Trainer(config, ctx, model, loader_train, loader_val, mixup_fn, amp_dtype, logger, checkpointer) as trainer:
+        if path:
+            trainer.load_state_dict(state if state is not None else read_checkpoint(path), path)
+        return trainer.fit()

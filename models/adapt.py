@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from checkpoints import files as ckpt
+from utils import CheckpointError
+
+from .weights import is_derived, mismatch_error
 
 HEAD_KEYS = ('head.weight', 'head.bias')
 _TIMM_DOWNSAMPLE = re.compile(r'^layers\.(\d+)\.downsample\.')
@@ -24,7 +26,7 @@ _TIMM_DOWNSAMPLE = re.compile(r'^layers\.(\d+)\.downsample\.')
 
 @dataclass
 class LoadReport:
-    """What `load_pretrained` did, for the log and for tests."""
+    """What `fit_weights` did, for the log and for tests."""
     source_format: str                              # 'official' or 'timm'
     loaded: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)     # 'key: old shape -> new shape'
@@ -85,19 +87,19 @@ def read_class_map(path: str, num_classes: int, source_classes: int) -> torch.Te
         with open(path) as f:
             rows = [line.strip() for line in f if line.strip()]
     except OSError as e:
-        raise ckpt.CheckpointError(f"MODEL.PRETRAINED_CLASS_MAP '{path}' cannot be read ({e.strerror}); "
-                                   f"give the path of the class index file, or '' to re-initialize the head") from None
+        raise CheckpointError(f"MODEL.PRETRAINED_CLASS_MAP '{path}' cannot be read ({e.strerror}); "
+                              f"give the path of the class index file, or '' to re-initialize the head") from None
     try:
         index = [int(r) for r in rows]
     except ValueError:
-        raise ckpt.CheckpointError(f"MODEL.PRETRAINED_CLASS_MAP '{path}' must hold one integer per line") from None
+        raise CheckpointError(f"MODEL.PRETRAINED_CLASS_MAP '{path}' must hold one integer per line") from None
     if len(index) != num_classes:
-        raise ckpt.CheckpointError(f"MODEL.PRETRAINED_CLASS_MAP '{path}' lists {len(index)} classes but the "
-                                   f"model has {num_classes}")
+        raise CheckpointError(f"MODEL.PRETRAINED_CLASS_MAP '{path}' lists {len(index)} classes but the "
+                              f"model has {num_classes}")
     bad = [i for i in index if not 0 <= i < source_classes]
     if bad:
-        raise ckpt.CheckpointError(f"MODEL.PRETRAINED_CLASS_MAP '{path}' holds index {bad[0]}, outside the "
-                                   f"{source_classes} classes of the pretrained head")
+        raise CheckpointError(f"MODEL.PRETRAINED_CLASS_MAP '{path}' holds index {bad[0]}, outside the "
+                              f"{source_classes} classes of the pretrained head")
     return torch.tensor(index, dtype=torch.long)
 
 
@@ -193,18 +195,18 @@ def _fit_head(model: torch.nn.Module, state: dict, out: dict, class_map: str, al
     want_w = own['head.weight']
     num_classes = want_w.shape[0]
     if len(file_head) == 1:
-        raise ckpt.CheckpointError(f'the pretrained file has {file_head[0]} but not '
-                                   f'{({*HEAD_KEYS} - {file_head[0]}).pop()}: an incomplete classifier')
+        raise CheckpointError(f'the pretrained file has {file_head[0]} but not '
+                              f'{({*HEAD_KEYS} - {file_head[0]}).pop()}: an incomplete classifier')
     if not file_head:
         if class_map:
-            raise ckpt.CheckpointError('MODEL.PRETRAINED_CLASS_MAP is set but the pretrained file has no '
-                                       'classifier to select classes from; set it to \'\'')
+            raise CheckpointError('MODEL.PRETRAINED_CLASS_MAP is set but the pretrained file has no '
+                                  'classifier to select classes from; set it to \'\'')
         file_rows = None
     else:
         w, b = state['head.weight'], state['head.bias']
         if w.ndim != 2 or w.shape[1] != want_w.shape[1] or b.shape != (w.shape[0],):
-            raise ckpt.CheckpointError(f'the pretrained head {tuple(w.shape)} does not fit the model\'s '
-                                       f'{tuple(want_w.shape)} (other feature width: another architecture?)')
+            raise CheckpointError(f'the pretrained head {tuple(w.shape)} does not fit the model\'s '
+                                  f'{tuple(want_w.shape)} (other feature width: another architecture?)')
         file_rows = w.shape[0]
     if file_rows == num_classes:
         out['head.weight'], out['head.bias'] = state['head.weight'], state['head.bias']
@@ -221,8 +223,8 @@ def _fit_head(model: torch.nn.Module, state: dict, out: dict, class_map: str, al
         return
     found = f'{file_rows} classes' if file_rows is not None else 'no classifier'
     if not allow_reinit:
-        raise ckpt.CheckpointError(f'the pretrained file has {found} and the model {num_classes}: evaluating would '
-                                   f'score an untrained head; set MODEL.PRETRAINED_CLASS_MAP to select its classes')
+        raise CheckpointError(f'the pretrained file has {found} and the model {num_classes}: evaluating would '
+                              f'score an untrained head; set MODEL.PRETRAINED_CLASS_MAP to select its classes')
     out['head.weight'] = torch.zeros_like(want_w)
     out['head.bias'] = torch.zeros_like(own['head.bias'])
     report.head = 'reinitialized'
@@ -232,32 +234,24 @@ def _fit_head(model: torch.nn.Module, state: dict, out: dict, class_map: str, al
                 f'the model {num_classes}{hint}')
 
 
-def load_pretrained(model: torch.nn.Module, path: str, logger: logging.Logger, class_map: str = '',
-                    allow_head_reinit: bool = True) -> LoadReport:
-    """Load the weights in `path` into `model`, adapting what a fine-tuning needs adapted.
-
-    `allow_head_reinit` False (evaluation) makes a class-count mismatch without a class map
-    an error rather than a head of zeros.
-    """
-    state = ckpt.model_state_dict(ckpt.read_checkpoint(path))
-    return fit_weights(model, state, path, logger, class_map, allow_head_reinit)
-
-
 def fit_weights(model: torch.nn.Module, state: dict, path: str, logger: logging.Logger, class_map: str = '',
                 allow_head_reinit: bool = True) -> LoadReport:
-    """`load_pretrained` for a state dict already read from `path`."""
+    """Load `state` (weights read from `path`) into `model`, adapting what a fine-tuning needs
+    adapted (checkpoints.reading.load_pretrained reads the file). `allow_head_reinit` False
+    (evaluation) makes a class-count mismatch without a class map an error rather than a head
+    of zeros."""
     non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if non_tensors:
-        raise ckpt.CheckpointError(f"'{path}' is not a state dict of tensors (entry {non_tensors[0]})")
+        raise CheckpointError(f"'{path}' is not a state dict of tensors (entry {non_tensors[0]})")
     report = LoadReport('timm' if is_timm_layout(state) else 'official')
     if report.source_format == 'timm':
         state = from_timm(state)
     report.rebuilt = rebuilt_coordinate_tables(model, state)
-    state = {k: v for k, v in state.items() if not k.endswith(ckpt.DERIVED_SUFFIXES)}
+    state = {k: v for k, v in state.items() if not is_derived(k)}
 
     fitter = _Fitter(model, report)
     out: dict[str, torch.Tensor] = {}
-    own_keys = [k for k in fitter.own if not k.endswith(ckpt.DERIVED_SUFFIXES)]
+    own_keys = [k for k in fitter.own if not is_derived(k)]
     missing = [k for k in own_keys if k not in state and k not in HEAD_KEYS]
     unexpected = [k for k in state if k not in fitter.own and k not in HEAD_KEYS]
     for key in own_keys:
@@ -265,7 +259,7 @@ def fit_weights(model: torch.nn.Module, state: dict, path: str, logger: logging.
             value = fitter.fit(key, state[key])
             if value is not None:
                 out[key] = value
-    error = ckpt.mismatch_error(path, missing, unexpected, fitter.problems)
+    error = mismatch_error(path, missing, unexpected, fitter.problems)
     if error:
         raise error
     _fit_head(model, state, out, class_map, allow_head_reinit, logger, report)

@@ -3,14 +3,20 @@
 Differences from the official classification code, none of which change the function:
 - window attention runs through `scaled_dot_product_attention` (see `layers.window_attention`),
   with the relative position bias and the shifted-window mask joined into one additive
-  mask; the shift mask and the window token order are built once per (padded) input
+  mask (once per block forward; in CPU inference reused while the bias weights keep their
+  values); the shift mask and the window token order are built once per (padded) input
   resolution and device, then reused;
+- on the CPU in eager mode, window attention and the MLP run the kernels of `cpu_kernels`
+  (a learnable-mask attention backward, gradients written into saved activations, buffers
+  reused from one training step to the next);
+- the shift masks and relative position indices (and V2's coordinate tables) are derived
+  buffers: a loaded file never overrides them (`DerivedBuffers`; their names in `weights`);
 - the cyclic shift and the window partition are one token gather (and their inverses
   another) instead of a roll and a permuted copy each;
 - inputs of any size run: feature maps are padded to whole windows per stage, as the
   official detection/segmentation backbone does;
 - `forward_features(x, return_stages=True)` returns the four stage maps for use as a
-  backbone.
+  backbone; `fsdp_units()` names the modules FSDP shards one by one (the blocks).
 """
 from __future__ import annotations
 
@@ -22,8 +28,9 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
+from . import cpu_kernels
 from .freezing import FreezableStages
-from .layers import Mlp, SpareBuffers, add_drop_path, permute_tokens, release_spares_in_eval, window_attention
+from .layers import Mlp, add_drop_path, permute_tokens, window_attention
 
 # Value the official code adds to logits of token pairs that belong to different
 # regions of a shifted window; kept (rather than -inf) so outputs match bit for bit.
@@ -71,18 +78,38 @@ def shifted_window_mask(H: int, W: int, window_size: int, shift_size: int,
     return torch.zeros(differs.shape, device=device).masked_fill_(differs, MASK_VALUE)
 
 
-class WindowAttentionBase(nn.Module):
-    """What the V1 and V2 window attentions share: the token-pair index into the offset
-    table, the join of position bias and shift mask (kept for reuse in inference), the
-    derived buffers a loaded file never overrides, and the official FLOP count.
+class DerivedBuffers:
+    """Mixin (before nn.Module) for a module whose `derived_buffers` are computed from its
+    configuration: a load keeps the module's own, whatever the file holds for them (another
+    window or resolution, or nothing: a buffer the module does not have is dropped)."""
 
-    A subclass defines `relative_position_bias()` and `bias_sources()`, the tensors the
-    bias is computed from (a change to any of them rebuilds the joined mask).
+    derived_buffers: tuple[str, ...] = ()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self.derived_buffers:
+            own = getattr(self, name)
+            if own is None:
+                state_dict.pop(prefix + name, None)
+            else:
+                state_dict[prefix + name] = own
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and values (torch.equal alone promotes dtypes)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+class WindowAttentionBase(DerivedBuffers, nn.Module):
+    """What the V1 and V2 window attentions share: the token-pair index into the offset
+    table, the join of position bias and shift mask, the derived buffers a loaded file never
+    overrides, and the official FLOP count.
+
+    A subclass defines `relative_position_bias()` and `bias_sources()`, every tensor the bias
+    is computed from.
     """
 
     fused: bool = True
-    # Buffers computed from the window size; files may carry them (official ones do), for
-    # this or another window, or not at all (timm's): the model always keeps its own.
     derived_buffers: tuple[str, ...] = ('relative_position_index',)
 
     def __init__(self, dim: int, window_size: tuple[int, int], num_heads: int):
@@ -92,24 +119,8 @@ class WindowAttentionBase(nn.Module):
         self.num_heads = num_heads
         # Persistent, as in the official model, so state_dict keys match its checkpoints.
         self.register_buffer('relative_position_index', relative_position_index(window_size))
-        self.spares = SpareBuffers(capacity=6)
-        self._joined: tuple | None = None  # (key, joined mask) for inference
-
-    def _apply(self, fn, *args, **kwargs):
-        self._joined = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def train(self, mode: bool = True) -> WindowAttentionBase:
-        # Fused optimizer kernels change weights without bumping their version counter, so
-        # a mode switch (each epoch's train(), then validation's eval()) also starts anew.
-        self._joined = None
-        release_spares_in_eval(self, mode)
-        return super().train(mode)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in self.derived_buffers:
-            state_dict[prefix + name] = getattr(self, name)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.spares = cpu_kernels.SpareBuffers(capacity=6)
+        self._joined: tuple | None = None  # (copies of the bias sources, shift mask, joined mask)
 
     def bias_sources(self) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
@@ -121,25 +132,23 @@ class WindowAttentionBase(nn.Module):
     def joined_mask(self, mask: torch.Tensor | None) -> torch.Tensor:
         """(1, num_windows * heads, N, N): the bias B plus the shift mask M of every window.
 
-        Where the bias can change (a training step follows), it is joined anew, once per
-        forward of the block; otherwise the result is kept and reused until a bias source
-        or the shift mask changes, or the module switches between train and eval mode.
+        Computed once per block forward, except in CPU inference: there the last result is
+        reused while the shift mask is the same tensor and the bias sources hold the same
+        values. Values are compared, since fused optimizers change weights without bumping
+        their version counters; off the CPU a comparison would wait for the device.
         """
         sources = self.bias_sources()
-        trainable = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
-        key = None
-        # inference tensors (weights made under inference_mode) have no version counter
-        if not trainable and not torch.compiler.is_compiling() and not any(t.is_inference() for t in sources):
-            # a mask made under inference_mode cannot be saved for a later backward: its own key
-            key = (tuple((t._version, t.data_ptr()) for t in sources),
-                   None if mask is None else (mask.data_ptr(), mask.shape), torch.is_inference_mode_enabled())
-            if self._joined is not None and self._joined[0] == key:
-                return self._joined[1]
+        reusable = (not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+                    and sources[0].device.type == 'cpu')
+        if reusable and self._joined is not None:
+            saved, saved_mask, joined = self._joined
+            if saved_mask is mask and all(_same(a, b) for a, b in zip(saved, sources, strict=True)):
+                return joined
         joined = self.relative_position_bias().unsqueeze(0)
         if mask is not None:
             joined = (joined + mask.unsqueeze(1)).reshape(1, mask.shape[0] * self.num_heads, *mask.shape[1:])
-        if key is not None:
-            self._joined = (key, joined)
+        if reusable:
+            self._joined = (tuple(t.clone() for t in sources), mask, joined)
         return joined
 
     def plain_output(self, logits: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -182,7 +191,7 @@ class WindowAttention(WindowAttentionBase):
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def bias_sources(self) -> tuple[torch.Tensor, ...]:
-        return (self.relative_position_bias_table,)
+        return self.relative_position_bias_table, self.relative_position_index
 
     def relative_position_bias(self) -> torch.Tensor:
         """(num_heads, N, N) bias gathered from the table."""
@@ -205,13 +214,17 @@ class WindowAttention(WindowAttentionBase):
         return self.plain_output((q * self.scale) @ k.transpose(-2, -1), v, mask)
 
 
-class SwinTransformerBlock(nn.Module):
+class SwinTransformerBlock(DerivedBuffers, nn.Module):
     """(Shifted-)window attention and an MLP, each with pre-norm and a residual.
 
     `fused_window_process` is accepted for the official signature; the fused path here
     needs no switch. `attn_layer` builds the attention (Swin V2 passes its own) from
     (dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop).
     """
+
+    # The shift mask follows from resolution and shift: files made at another resolution, or
+    # without the buffer, still load.
+    derived_buffers = ('attn_mask',)
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, window_size: int = 7,
                  shift_size: int = 0, mlp_ratio: float = 4., qkv_bias: bool = True,
@@ -249,16 +262,6 @@ class SwinTransformerBlock(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._layouts.clear()  # .to()/.half() replace the mask buffer: rebuild the cache
         return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The mask is derived from resolution and shift; keep ours whatever the file holds
-        # (a file made at another resolution, or one without the buffer, still loads).
-        key = prefix + 'attn_mask'
-        if self.attn_mask is None:
-            state_dict.pop(key, None)
-        else:
-            state_dict[key] = self.attn_mask
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def window_layout(self, Hp: int, Wp: int, shift: int, device: torch.device):
         """(index, inverse, mask) for a padded Hp x Wp map, built once per size and device.
@@ -507,6 +510,11 @@ class SwinTransformer(FreezableStages, nn.Module):
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
         return {'relative_position_bias_table'}
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards as units of their own, gathered one at a time: every block.
+        The root unit takes the rest (patch embedding, patch merging, final norm, head)."""
+        return [blk for layer in self.layers for blk in layer.blocks]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for layer in self.layers:

@@ -13,8 +13,9 @@ embedding, stages and model this module reuses by subclassing):
 
 The fused path normalizes q and k (in fp32 arithmetic, so half precision neither divides
 0 by an eps that underflowed nor overflows the factor), folds the logit scale into q, and
-runs one `scaled_dot_product_attention` call per block with scale 1 and one additive mask:
-the bias joined with the shift mask, as V1 does.
+runs one window attention call per block (`layers.window_attention`: SDPA, or the CPU
+kernels of `cpu_kernels`) with scale 1 and one additive mask: the bias joined with the shift
+mask, as V1 does.
 """
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ class WindowAttention(v1.WindowAttentionBase):
 
     `fused = True`: normalized q (with the logit scale folded in) and k through
     `layers.window_attention` with scale 1 and the joined bias + shift mask; the bias MLP
-    runs once per call (per block and step in training), its joined mask is kept for reuse
-    in inference. `fused = False` is the official formula, for reference.
+    runs once per forward in training (a few thousand rows), and in CPU inference only when
+    its weights change (`joined_mask`). `fused = False` is the official formula, for reference.
     """
 
     derived_buffers = ('relative_position_index', 'relative_coords_table')
@@ -108,7 +109,8 @@ class WindowAttention(v1.WindowAttentionBase):
                 f'pretrained_window_size={self.pretrained_window_size}, num_heads={self.num_heads}')
 
     def bias_sources(self) -> tuple[torch.Tensor, ...]:
-        return (self.cpb_mlp[0].weight, self.cpb_mlp[0].bias, self.cpb_mlp[2].weight, self.relative_coords_table)
+        return (self.cpb_mlp[0].weight, self.cpb_mlp[0].bias, self.cpb_mlp[2].weight, self.relative_coords_table,
+                self.relative_position_index)
 
     def bias_table(self) -> torch.Tensor:
         """((2Wh-1)(2Ww-1), heads): 16 * sigmoid(MLP(offset)) for every offset, in the

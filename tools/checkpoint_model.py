@@ -20,11 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from checkpoints.files import load_model_weights, model_state_dict, read_checkpoint  # noqa: E402
+from checkpoints.reading import model_state_dict, read_checkpoint  # noqa: E402
 from config import config_from_yaml_text, get_config  # noqa: E402
 from main import OneLineArgumentParser  # noqa: E402
 from models import build_model  # noqa: E402
-from utils import USER_ERRORS, ToolError  # noqa: E402,F401  (the tools import both from here)
+from models.weights import load_model_weights  # noqa: E402
+from utils import ToolError  # noqa: E402
 
 
 def tool_parser(description: str) -> argparse.ArgumentParser:

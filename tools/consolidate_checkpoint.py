@@ -21,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from checkpoints.files import OutputError, atomic_save, read_checkpoint  # noqa: E402
-from tools.checkpoint_model import USER_ERRORS, ToolError, load_model, tool_parser  # noqa: E402
+from checkpoints.reading import read_checkpoint  # noqa: E402
+from tools.checkpoint_model import load_model, tool_parser  # noqa: E402
+from utils import USER_ERRORS, ToolError, atomic_save  # noqa: E402
 
 
 def consolidate(path: str, output: str, cfg: str | None = None) -> dict:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ToolError('sharded checkpoints hold no EMA weights (TRAIN.EMA is not used with fsdp); '
                             'leave out --ema')
         state = consolidate(args.checkpoint, args.output, args.cfg)
-    except USER_ERRORS + (OutputError,) as e:
+    except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     n = sum(t.numel() for t in state['model'].values())

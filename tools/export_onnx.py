@@ -40,7 +40,9 @@ import numpy as np
 import torch
 
 # checkpoint_model (next to this file) also puts the repo root on sys.path
-from checkpoint_model import USER_ERRORS, ToolError, load_model, tool_parser
+from checkpoint_model import load_model, tool_parser
+
+from utils import USER_ERRORS, ToolError
 
 DEFAULT_OPSET = 18
 OPSETS = range(18, 26)  # those that convert and run with the pinned torch, onnx, onnxscript, onnxruntime

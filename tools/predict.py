@@ -18,13 +18,14 @@ import sys
 import torch
 
 # checkpoint_model (next to this file) also puts the repo root on sys.path for `data`
-from checkpoint_model import USER_ERRORS, ToolError, load_model, tool_parser
+from checkpoint_model import load_model, tool_parser
 from yacs.config import CfgNode
 
 from data.decode import DecodeError
 from data.device_prep import DevicePreprocessor
 from data.sources import class_folders
 from data.transforms import build_transform
+from utils import USER_ERRORS, ToolError
 
 BATCH = 32  # images per forward pass, so a long list of files needs no more memory
 TOP = 5

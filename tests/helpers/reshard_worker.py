@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from checkpoints import files as ckpt
 from checkpoints import sharded
+from checkpoints.reading import read_checkpoint
 from config import config_from_yaml_text
 from distributed import parallel
 from models import build_model
@@ -21,7 +21,7 @@ from optimizer import build_optimizer
 def main() -> int:
     path = sys.argv[1]
     dist.init_process_group('gloo')
-    config = config_from_yaml_text(ckpt.read_checkpoint(path)['config'], path)
+    config = config_from_yaml_text(read_checkpoint(path)['config'], path)
     model = parallel.shard_model(build_model(config), config, amp_dtype=None)
     optimizer = build_optimizer(config, model)
     sharded.load_training_state(path, model, optimizer)

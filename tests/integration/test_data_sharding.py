@@ -5,7 +5,13 @@ import os
 
 import pytest
 
-from helpers.runs import ROOT
+from helpers.images import write_photo_folder
+from helpers.runs import ROOT, free_port
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    return write_photo_folder(str(tmp_path_factory.mktemp('imagenet')))
 
 _DISTRIBUTED_SCRIPT = '''
 import json, os, sys
@@ -42,7 +48,7 @@ def test_torchrun_ranks_shard_validation_exactly(data_root, tmp_path, world_size
     script.write_text(_DISTRIBUTED_SCRIPT.format(root=ROOT, data=data_root, out=str(tmp_path)))
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(world_size),
-                           '--master_port', str(29500 + os.getpid() % 1000), str(script)],
+                           '--master_port', str(free_port()), str(script)],
                           capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(world_size)]

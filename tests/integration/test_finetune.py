@@ -106,7 +106,7 @@ def test_ema_update_arithmetic_follows_the_config():
     model = torch.nn.Linear(2, 1)
     for warmup in (False, True):
         config = _config({'TRAIN.EMA.ENABLE': True, 'TRAIN.EMA.DECAY': 0.9, 'TRAIN.EMA.WARMUP': warmup})
-        ema = trainer._build_ema(config, model, trainer.ResumePoint(0), logging.getLogger('t'))
+        ema = trainer.build_ema(config, model, logging.getLogger('t'))
         expected = None
         for step in range(1, 6):
             with torch.no_grad():

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import main
-from checkpoints import files as ckpt
+from checkpoints import folder as checkpoint_folder
 from checkpoints import sharded
+from checkpoints.reading import model_state_dict, read_checkpoint
 from helpers.runs import N_VAL, ROOT, collect, free_port, read_metrics
 from models.swin_transformer import SwinTransformer
+from utils import EXIT_PREEMPTED
 
 # micro-batches of 4, two per update: the accumulation paths (no_sync, FSDP's
 # set_requires_gradient_sync) run in every comparison
@@ -50,7 +52,7 @@ def runs(cfg_file, tmp_path_factory):
 
 
 def _weights(path):
-    return ckpt.model_state_dict(ckpt.read_checkpoint(str(path)))
+    return model_state_dict(read_checkpoint(str(path)))
 
 
 def test_fsdp_and_zero_train_like_ddp(runs):
@@ -90,10 +92,10 @@ def test_sharded_checkpoints_are_whole_folders_pruned_and_linked(runs):
     shards = sorted(os.path.basename(p) for p in glob.glob(str(folder / 'ckpt_epoch_1.dcp' / '*')))
     assert shards == ['.metadata', '__0_0.distcp', '__1_0.distcp', 'meta.pt'] or \
         shards == ['__0_0.distcp', '__1_0.distcp', 'meta.pt']  # glob hides dot files on some systems
-    meta = ckpt.read_checkpoint(str(folder / 'ckpt_epoch_1.dcp'))
+    meta = read_checkpoint(str(folder / 'ckpt_epoch_1.dcp'))
     assert meta['epoch'] == 1 and meta['world_size'] == 2 and isinstance(meta['config'], str)
     assert 'model' not in meta and 'optimizer' not in meta  # those stay in the shards
-    best = ckpt.read_checkpoint(str(folder / ckpt.BEST_FOLDER))
+    best = read_checkpoint(str(folder / checkpoint_folder.BEST_FOLDER))
     assert best['max_accuracy'] == max(m['acc1'] for m in read_metrics(folder))
 
 
@@ -178,24 +180,24 @@ def test_interrupted_sharded_write_is_removed_and_old_folder_kept(tmp_path):
     torn = tmp_path / ('ckpt_epoch_3.dcp' + sharded.TMP_SUFFIX)
     torn.mkdir()
     (torn / '__0_0.distcp').write_bytes(b'half')
-    assert ckpt.remove_stale_temporaries(str(tmp_path)) == [torn.name]
+    assert checkpoint_folder.remove_stale_temporaries(str(tmp_path)) == [torn.name]
     assert not torn.exists() and (old / 'meta.pt').read_bytes() == b'old'
     new = tmp_path / 'new'
     new.mkdir()
     (new / 'meta.pt').write_bytes(b'new')
-    ckpt.replace_folder(str(new), str(old))
+    checkpoint_folder.replace_folder(str(new), str(old))
     assert (old / 'meta.pt').read_bytes() == b'new' and sorted(os.listdir(tmp_path)) == ['best.dcp']
 
     # killed between setting the old folder aside and renaming the new one in: the old one
     # comes back at the next start, the half-published new one goes
-    os.replace(old, str(old) + ckpt.SET_ASIDE)
+    os.replace(old, str(old) + checkpoint_folder.SET_ASIDE)
     (tmp_path / ('best.dcp' + sharded.TMP_SUFFIX)).mkdir()
-    ckpt.remove_stale_temporaries(str(tmp_path))
+    checkpoint_folder.remove_stale_temporaries(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ['best.dcp'] and (old / 'meta.pt').read_bytes() == b'new'
 
     # a new best in one format removes the other format's best an earlier run left
     (tmp_path / 'best.pth').write_bytes(b'ddp run')
-    ckpt.remove_other_best(str(tmp_path), sharded=True)
+    checkpoint_folder.remove_other_best(str(tmp_path), sharded=True)
     assert sorted(os.listdir(tmp_path)) == ['best.dcp']
 
 
@@ -290,7 +292,6 @@ def test_fsdp_run_stopped_mid_epoch_resumes_bit_for_bit(cfg_file, tmp_path, monk
     sharded mid-epoch checkpoint; resuming it ends equal to the uninterrupted run."""
     from test_resilience import RANDOMNESS, _stop_at
 
-    from engine import preemption
     opts = ['TRAIN.PARALLEL', 'fsdp', 'TRAIN.EPOCHS', '2', 'SAVE_STEP_FREQ', '4', *RANDOMNESS]
 
     def run(out):
@@ -298,7 +299,7 @@ def test_fsdp_run_stopped_mid_epoch_resumes_bit_for_bit(cfg_file, tmp_path, monk
     assert run(tmp_path / 'whole') == 0
     with monkeypatch.context() as m:
         _stop_at(m, 9)  # update 8, inside epoch 1 (6 updates per epoch)
-        assert run(tmp_path / 'cut') == preemption.EXIT_PREEMPTED
+        assert run(tmp_path / 'cut') == EXIT_PREEMPTED
     cut = tmp_path / 'cut' / 'tiny' / 'default'
     assert (cut / 'latest').read_text().strip() == 'ckpt_step_8.dcp' and (cut / 'ckpt_step_8.dcp').is_dir()
     assert run(tmp_path / 'cut') == 0
@@ -307,3 +308,4 @@ def test_fsdp_run_stopped_mid_epoch_resumes_bit_for_bit(cfg_file, tmp_path, monk
     for key, value in _weights(cut / 'ckpt_epoch_1.dcp').items():
         assert torch.equal(value, whole[key]), key
     assert not list(cut.glob('ckpt_step_*'))
+

@@ -13,7 +13,8 @@ import torch
 
 import main
 from engine import preemption, runner
-from helpers.runs import ROOT, read_metrics, read_weights
+from helpers.runs import ROOT, free_port, read_metrics, read_weights
+from utils import EXIT_DIVERGED, EXIT_PREEMPTED
 
 RANDOMNESS = ['MODEL.DROP_PATH_RATE', '0.2', 'AUG.MIXUP', '0.8', 'AUG.REPROB', '0.5', 'DATA.NUM_WORKERS', '1']
 
@@ -43,7 +44,7 @@ def test_stopped_and_resumed_run_is_bitwise_equal(cfg_file, tmp_path, monkeypatc
     assert _run(cfg_file, tmp_path / 'whole', *opts) == 0
     with monkeypatch.context() as m:
         _stop_at(m, check)
-        assert _run(cfg_file, tmp_path / 'cut', *opts) == preemption.EXIT_PREEMPTED
+        assert _run(cfg_file, tmp_path / 'cut', *opts) == EXIT_PREEMPTED
     cut = tmp_path / 'cut' / 'tiny' / 'default'
     step_file = f'ckpt_step_{update}.pth'
     assert (cut / step_file).exists() and (cut / 'latest').read_text().strip() == step_file
@@ -68,7 +69,7 @@ def test_sigterm_checkpoints_and_exits_with_the_documented_code(cfg_file, tmp_pa
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     sent = time.time()
-    assert proc.wait(timeout=60) == preemption.EXIT_PREEMPTED
+    assert proc.wait(timeout=60) == EXIT_PREEMPTED
     assert time.time() - sent < 10
     run_dir = out / 'tiny' / 'default'
     latest = (run_dir / 'latest').read_text().strip()  # a mid-epoch checkpoint, or the epoch's own
@@ -92,7 +93,7 @@ def test_torchrun_restarts_after_a_killed_worker_and_finishes(cfg_file, tmp_path
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
                              '--max-restarts', '1', '--rdzv-backend', 'c10d',
-                             '--rdzv-endpoint', f'localhost:{29800 + os.getpid() % 100}',
+                             '--rdzv-endpoint', f'localhost:{free_port()}',
                              os.path.join(ROOT, 'main.py'), '--cfg', cfg_file, '--output', str(out),
                              '--batch-size', '4', '--opts', 'TRAIN.EPOCHS', '6', 'SAVE_STEP_FREQ', '1'],
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / 'stderr.txt', 'w'), env=env)
@@ -115,7 +116,7 @@ def test_resume_with_another_world_or_batch_keeps_the_schedule(cfg_file, tmp_pat
     opts = ['TRAIN.EPOCHS', '2', 'SAVE_STEP_FREQ', '0']
     with monkeypatch.context() as m:
         _stop_at(m, 3)  # half of epoch 0 at batch 8: 24 of 48 images
-        assert _run(cfg_file, tmp_path, *opts) == preemption.EXIT_PREEMPTED
+        assert _run(cfg_file, tmp_path, *opts) == EXIT_PREEMPTED
     assert _run(cfg_file, tmp_path, *opts, extra=['--batch-size', '4']) == 0
     run_dir = tmp_path / 'tiny' / 'default'
     log = (run_dir / 'log_rank0.txt').read_text()
@@ -158,7 +159,7 @@ def test_non_finite_updates_are_skipped_and_counted(cfg_file, tmp_path, monkeypa
 def test_divergence_stops_with_a_checkpoint_and_exit_code_3(cfg_file, tmp_path, monkeypatch, capsys):
     _nan_after(monkeypatch, lambda n: n >= 3)
     assert _run(cfg_file, tmp_path, 'TRAIN.EPOCHS', '2', 'PRINT_FREQ', '1',
-                'TRAIN.MAX_CONSECUTIVE_SKIPS', '3') == preemption.EXIT_DIVERGED
+                'TRAIN.MAX_CONSECUTIVE_SKIPS', '3') == EXIT_DIVERGED
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'consecutive' in err[0] and 'bf16' in err[0]
     run_dir = tmp_path / 'tiny' / 'default'
@@ -245,7 +246,7 @@ def test_bad_input_is_one_line_and_exit_code_2(bad_inputs, cfg_file, tmp_path, n
 def test_torchrun_world_larger_than_the_dataset_is_one_line_per_rank(cfg_file, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                           '--master_port', str(29900 + os.getpid() % 90), os.path.join(ROOT, 'main.py'),
+                           '--master_port', str(free_port()), os.path.join(ROOT, 'main.py'),
                            '--cfg', cfg_file, '--output', str(tmp_path), '--batch-size', '32'],
                           capture_output=True, text=True, timeout=300, env=env)
     ours = [line for line in proc.stderr.splitlines() if line.startswith('error')]

@@ -16,13 +16,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import main
 from data import DevicePrefetcher, DevicePreprocessor
-from distributed.process_group import wrap_ddp
-from engine import loops
-from engine.metrics_log import MetricsLog
+from distributed.process_group import DistContext, wrap_ddp
+from engine import step_logger
+from engine.amp import autocast_context
+from engine.loops import train_one_epoch, validate
+from engine.trainer import Trainer
 from helpers.runs import read_weights, run_main
-from lr_scheduler import build_scheduler
 from models.swin_transformer import SwinTransformer
-from optimizer import build_optimizer
 
 CPU = torch.device('cpu')
 
@@ -61,7 +61,7 @@ class CountingBackend:
 
 def _step_grads(model, net, images, targets, amp_dtype=None):
     model.zero_grad(set_to_none=True)
-    with loops.autocast_context(amp_dtype, CPU):
+    with autocast_context(amp_dtype, CPU):
         out = net(images)
     F.cross_entropy(out.float(), targets).backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -139,10 +139,10 @@ def test_no_recompile_per_step_with_a_varying_last_batch():
     loader = DataLoader(TensorDataset(images, torch.arange(21) % 3), batch_size=8)
     prep = _Prep()
     logger = logging.getLogger('test')
-    loops.validate(_FakeConfig(), compiled, loader, prep, CPU, None, logger)
+    validate(_FakeConfig(), compiled, loader, prep, CPU, None, logger)
     first = backend.graphs
     assert 1 <= first <= 2  # one graph per batch shape class (no graph break): 8, then dynamic
-    loops.validate(_FakeConfig(), compiled, loader, prep, CPU, None, logger)
+    validate(_FakeConfig(), compiled, loader, prep, CPU, None, logger)
     assert backend.graphs == first
     compiled.train()
     for _ in range(3):
@@ -199,7 +199,7 @@ def test_prefetcher_yields_the_plain_batches(cfg_file):
 
 SYNCS = [(torch.Tensor, 'item'), (torch.Tensor, 'tolist'), (torch.Tensor, '__bool__'),
          (torch.Tensor, '__float__'), (torch.Tensor, '__int__'), (torch.cuda, 'synchronize'),
-         (loops, 'synchronize')]
+         (step_logger, 'synchronize')]
 
 
 def test_no_host_sync_between_print_steps(cfg_file, tmp_path, monkeypatch):
@@ -207,19 +207,14 @@ def test_no_host_sync_between_print_steps(cfg_file, tmp_path, monkeypatch):
     sync is the print step's (the last step here), none before."""
     config = main.parse_option(['--cfg', cfg_file, '--opts', 'PRINT_FREQ', '1000', 'MODEL.NUM_CLASSES', '3',
                                 'AUG.MIXUP', '0.8', 'AUG.CUTMIX', '1.0', 'AUG.REPROB', '0.25',
-                                'MODEL.DROP_PATH_RATE', '0.1', 'TRAIN.ACCUMULATION_STEPS', '2'])[1]
+                                'MODEL.DROP_PATH_RATE', '0.1', 'TRAIN.ACCUMULATION_STEPS', '2',
+                                'OUTPUT', str(tmp_path)])[1]
     from data import build_mixup
     from models import build_model
-    model = build_model(config)
-    optimizer = build_optimizer(config, model)
     batches = [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (8,)))
                for _ in range(6)]
-    n_updates = loops.updates_per_epoch(len(batches), config.TRAIN.ACCUMULATION_STEPS)
-    parts = loops.TrainParts(config, model, optimizer, build_scheduler(config, optimizer, n_updates), None,
-                              loops.build_criterion(config, True), build_mixup(config),
-                              DevicePreprocessor(config, CPU, is_train=True), CPU, None, 1,
-                              logging.getLogger('test'), MetricsLog(str(tmp_path), False),
-                              loops.NonFiniteGuard(CPU, 25))
+    trainer = Trainer(config, DistContext(0, 1, 0, CPU), build_model(config), batches, None, build_mixup(config),
+                      None, logging.getLogger('test'))
     events = []
     for owner, name in SYNCS:
         real = getattr(owner, name)
@@ -230,7 +225,7 @@ def test_no_host_sync_between_print_steps(cfg_file, tmp_path, monkeypatch):
             events.append(_name)
             return _real(*args, **kwargs)
         monkeypatch.setattr(owner, name, counted)
-    result = loops.train_one_epoch(parts, batches, 0)
+    result = train_one_epoch(trainer, batches, 0)
     monkeypatch.undo()
-    assert math.isfinite(result['train_loss'])
-    assert events and events[0] == 'engine.loops.synchronize', events[:5]  # the last step's print
+    assert math.isfinite(result.train_loss)
+    assert events and events[0] == 'engine.step_logger.synchronize', events[:5]  # the last step's print

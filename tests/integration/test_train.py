@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 import main
-from engine import loops
-from helpers.runs import N_VAL, ROOT, one_line_error, read_metrics, read_weights, run_main
+from engine.guard import clip_grad_norm
+from engine.loops import train_one_epoch
+from helpers.runs import N_VAL, ROOT, free_port, one_line_error, read_metrics, read_weights, run_main
 
 
 @pytest.fixture(scope='module')
@@ -122,10 +123,10 @@ def test_explicit_resume_wins_over_auto_resume(cfg_file, trained, tmp_path):
 
 
 def test_pruning_only_counts_checkpoints_up_to_the_current_epoch(tmp_path):
-    from checkpoints import files as checkpoint
+    from checkpoints import folder
     for epoch in range(5):
-        (tmp_path / checkpoint.epoch_checkpoint_name(epoch)).write_bytes(b'x')
-    removed = checkpoint.prune_checkpoints(str(tmp_path), keep_last=1, current_epoch=2)
+        (tmp_path / folder.epoch_checkpoint_name(epoch)).write_bytes(b'x')
+    removed = folder.prune_checkpoints(str(tmp_path), keep_last=1, current_epoch=2)
     assert sorted(os.path.basename(p) for p in removed) == ['ckpt_epoch_0.pth', 'ckpt_epoch_1.pth']
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt_epoch_2.pth', 'ckpt_epoch_3.pth', 'ckpt_epoch_4.pth']
 
@@ -154,7 +155,7 @@ def test_eval_under_torchrun_counts_every_image_once(cfg_file, trained, tmp_path
     out = tmp_path / f'np{nproc}'
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
-                           '--master_port', str(29600 + os.getpid() % 500 + nproc), os.path.join(ROOT, 'main.py'),
+                           '--master_port', str(free_port()), os.path.join(ROOT, 'main.py'),
                            '--cfg', cfg_file, '--output', str(out), '--eval',
                            '--pretrained', str(trained / 'ckpt_epoch_2.pth')],
                           capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
@@ -173,10 +174,10 @@ def test_clip_grad_zero_leaves_gradients_untouched():
     model(torch.randn(5, 4)).pow(2).sum().mul(100).backward()
     params = list(model.parameters())
     before = [p.grad.clone() for p in params]
-    norm = loops._grad_norm(params, clip=None)
+    norm = clip_grad_norm(params, clip=None)
     assert all(torch.equal(b, p.grad) for b, p in zip(before, params))
     assert norm.item() == pytest.approx(torch.cat([b.flatten() for b in before]).norm().item(), rel=1e-6)
-    clipped = loops._grad_norm(params, clip=1.0)
+    clipped = clip_grad_norm(params, clip=1.0)
     assert clipped.item() == pytest.approx(norm.item(), rel=1e-6)  # the norm before clipping
     assert torch.cat([p.grad.flatten() for p in params]).norm().item() == pytest.approx(1.0, rel=1e-4)
 
@@ -187,20 +188,20 @@ def test_no_sync_on_micro_steps_that_do_not_update(cfg_file, tmp_path, monkeypat
     import logging
 
     from config import get_config
-    from data import DevicePreprocessor, build_loader
-    from engine.metrics_log import MetricsLog
-    from lr_scheduler import build_scheduler
+    from data import build_loader
+    from distributed.process_group import DistContext
+    from engine.trainer import Trainer
     from models import build_model
-    from optimizer import build_optimizer
 
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
     try:
         config = get_config(argparse.Namespace(cfg=cfg_file, opts=['TRAIN.ACCUMULATION_STEPS', '3',
                                                                    'OUTPUT', str(tmp_path)]))
-        _, _, loader, _, _ = build_loader(config, 0, 1)
-        model = build_model(config)
-        optimizer = build_optimizer(config, model)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        _, _, loader, loader_val, _ = build_loader(config, 0, 1)
+        ctx = DistContext(0, 1, 0, torch.device('cpu'))
+        trainer = Trainer(config, ctx, build_model(config), loader, loader_val, None, None, logging.getLogger('nosync'))
+        ddp = trainer.train_module
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
         entered = []
         original = ddp.no_sync
 
@@ -208,16 +209,10 @@ def test_no_sync_on_micro_steps_that_do_not_update(cfg_file, tmp_path, monkeypat
             entered.append(1)
             return original()
         monkeypatch.setattr(ddp, 'no_sync', counting_no_sync)
-        device = torch.device('cpu')
-        parts = loops.TrainParts(config, ddp, optimizer, build_scheduler(config, optimizer, len(loader) // 3),
-                                  None, loops.build_criterion(config, False), None,
-                                  DevicePreprocessor(config, device, True), device, None, 1,
-                                  logging.getLogger('nosync'), MetricsLog(str(tmp_path), False),
-                                  loops.NonFiniteGuard(device, 25))
-        stats = loops.train_one_epoch(parts, loader, 0)
+        stats = train_one_epoch(trainer, loader, 0)
     finally:
         dist.destroy_process_group()
-    assert len(loader) == 6 and stats['updates'] == 2
+    assert len(loader) == 6 and stats.updates == 2
     assert len(entered) == 4  # 2 updates x (3 - 1) micro-steps without an all-reduce
 
 
@@ -263,16 +258,16 @@ def test_resuming_with_another_optimizer_is_one_line(cfg_file, trained, tmp_path
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
-    from checkpoints import files as checkpoint
+    import utils
     path = tmp_path / 'ckpt_epoch_0.pth'
-    checkpoint.atomic_save({'model': {'w': torch.ones(2)}}, str(path))
+    utils.atomic_save({'model': {'w': torch.ones(2)}}, str(path))
 
     def full_disk(obj, f):
         f.write(b'partial')
         raise RuntimeError('[enforce fail at inline_container.cc] unexpected pos')  # torch's ENOSPC
-    monkeypatch.setattr(checkpoint.torch, 'save', full_disk)
-    with pytest.raises(checkpoint.OutputError, match='previous file is untouched'):
-        checkpoint.atomic_save({'model': {'w': torch.zeros(2)}}, str(path))
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(utils.OutputError, match='previous file is untouched'):
+        utils.atomic_save({'model': {'w': torch.zeros(2)}}, str(path))
     assert os.listdir(tmp_path) == ['ckpt_epoch_0.pth']
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)['model']['w'], torch.ones(2))
@@ -283,7 +278,7 @@ def test_a_write_error_on_rank_0_stops_every_rank_with_one_line(cfg_file, tmp_pa
     (out / 'tiny' / 'default' / 'best.pth').mkdir(parents=True)  # cannot be replaced by a file
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                           '--master_port', str(29700 + os.getpid() % 500), os.path.join(ROOT, 'main.py'),
+                           '--master_port', str(free_port()), os.path.join(ROOT, 'main.py'),
                            '--cfg', cfg_file, '--output', str(out), '--batch-size', '4',
                            '--opts', 'TRAIN.EPOCHS', '1', 'TRAIN.AUTO_RESUME', 'False'],
                           capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))

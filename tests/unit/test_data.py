@@ -21,25 +21,7 @@ from data.decode import decode_rgb
 from data.samplers import ShardSampler, TrainSampler
 from data.sources import CachedSource, FolderSource, ZipSource
 from data.transforms import EvalTransform, TrainTransform
-
-CLASSES = ['b_cls', 'a_cls', 'C_cls']  # unsorted on purpose; 'C' sorts before 'a'
-SIZES = [(37, 53), (300, 200), (64, 64), (129, 97), (250, 410)]
-
-
-def _photo(width, height, seed):
-    """A smooth random image (JPEG-friendly, like a photograph more than noise)."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (max(2, height // 8), max(2, width // 8), 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((width, height), Image.BICUBIC)
-
-
-def _write_split(root, split, per_class, seed):
-    for c, name in enumerate(CLASSES):
-        folder = os.path.join(root, split, name)
-        os.makedirs(folder)
-        for i in range(per_class):
-            w, h = SIZES[(i + c) % len(SIZES)]
-            _photo(w, h, seed + 100 * c + i).save(os.path.join(folder, f'img_{i:03d}.jpg'), quality=90)
+from helpers.images import CLASSES, photo, write_photo_folder, write_split
 
 
 def _zip_split(root, split, out_root):
@@ -55,10 +37,7 @@ def _zip_split(root, split, out_root):
 
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('imagenet'))
-    _write_split(root, 'train', per_class=8, seed=0)
-    _write_split(root, 'val', per_class=5, seed=1000)
-    return root
+    return write_photo_folder(str(tmp_path_factory.mktemp('imagenet')))
 
 
 @pytest.fixture(scope='module')
@@ -414,13 +393,13 @@ def test_missing_train_or_val_folder(data_root, tmp_path):
 
 
 def test_empty_class_folder(tmp_path):
-    _write_split(str(tmp_path), 'val', per_class=1, seed=0)
+    write_split(str(tmp_path), 'val', per_class=1, seed=0)
     os.makedirs(tmp_path / 'val' / 'empty_cls')
     _one_line_error(_config(str(tmp_path), EVAL_MODE=True), 'empty_cls')
 
 
 def test_non_image_file(tmp_path):
-    _write_split(str(tmp_path), 'val', per_class=1, seed=0)
+    write_split(str(tmp_path), 'val', per_class=1, seed=0)
     (tmp_path / 'val' / 'a_cls' / 'notes.txt').write_text('hello')
     _one_line_error(_config(str(tmp_path), EVAL_MODE=True), 'notes.txt')
 
@@ -433,7 +412,7 @@ def test_zip_map_listing_a_missing_member(data_root, tmp_path):
 
 
 def _corrupt_split(tmp_path):
-    _write_split(str(tmp_path), 'val', per_class=4, seed=0)
+    write_split(str(tmp_path), 'val', per_class=4, seed=0)
     folder = tmp_path / 'val' / 'a_cls'
     good = (folder / 'img_000.jpg').read_bytes()
     (folder / 'img_001.jpg').write_bytes(good[:len(good) // 2])  # truncated
@@ -488,7 +467,7 @@ def test_zero_bit_posterize_gives_black_instead_of_an_error(data_root):
     transform = TrainTransform(_config(data_root))
     ops = [op for op in transform.augment.transforms[0].ops if 'Posterize' in op.name]
     assert ops
-    image = _photo(40, 30, seed=1)
+    image = photo(40, 30, seed=1)
     for op in ops:
         out = op.aug_fn(image, 0)
         assert out.size == image.size and np.asarray(out).max() == 0

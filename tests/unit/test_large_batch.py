@@ -12,7 +12,7 @@ from timm.optim import Lamb, Lars
 import main
 import models
 from config import ConfigError
-from engine import loops
+from engine.guard import NonFiniteGuard
 from helpers.configs import group_of, make_config, with_changes
 from helpers.runs import one_line_error
 from lr_scheduler import build_scheduler, scaled_learning_rates
@@ -154,7 +154,7 @@ def test_non_finite_guard_skips_the_step(name):
     model = _linear()
     opt = build_optimizer(cfg, model)
     assert not opt.defaults.get('fused')  # so the guard decides on the host
-    guard = loops.NonFiniteGuard(torch.device('cpu'), limit=3)
+    guard = NonFiniteGuard(torch.device('cpu'), limit=3)
     before = [_d(p) for p in model.parameters()]
     _set_grads(model, 1.0, seed=4)
     guard.step(opt, None, torch.tensor(float('inf')), update=0)

@@ -1,4 +1,5 @@
-"""The memory-saving building blocks compute exactly what their plain forms compute."""
+"""The building blocks compute exactly what their plain forms compute, on the CPU through the
+kernels of models.cpu_kernels, whose reused buffers change no result."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,7 +174,7 @@ def test_mlp_reuses_its_buffers_across_steps_without_changing_results():
 
 
 def test_spare_buffers_keep_the_newest_and_match_by_size():
-    from models.layers import SpareBuffers
+    from models.cpu_kernels import SpareBuffers
     spares = SpareBuffers(capacity=2)
     a, b, c = torch.empty(6), torch.empty(6), torch.empty(3)
     spares.give(a, b, c, torch.empty(4, 4).t())  # the non-contiguous one is refused
@@ -187,7 +188,8 @@ def test_spare_buffers_keep_the_newest_and_match_by_size():
 
 
 def test_window_attention_reuses_its_buffers_across_steps():
-    from models.layers import SpareBuffers, window_attention
+    from models.cpu_kernels import SpareBuffers
+    from models.layers import window_attention
     spares = SpareBuffers(capacity=6)
     qkv = torch.randn(8, 9, 24, dtype=torch.float64, requires_grad=True)
     mask = torch.randn(1, 4 * 2, 9, 9, dtype=torch.float64, requires_grad=True)
@@ -204,8 +206,45 @@ def test_window_attention_reuses_its_buffers_across_steps():
 
 @pytest.mark.parametrize('batch', [3, 700])
 def test_sum_over_batch_accumulates_in_the_wider_dtype(batch):
-    from models.layers import _sum_over_batch
+    from models.cpu_kernels import _sum_over_batch
     x = torch.randn(batch, 2, 40, 40).bfloat16()
     got = _sum_over_batch(x, torch.float32)
     assert got.dtype == torch.float32 and got.shape == (1, 2, 40, 40)
     torch.testing.assert_close(got, x.float().sum(0, keepdim=True), rtol=1e-5, atol=1e-4)
+
+
+def test_spare_buffers_are_released_in_eval_and_start_empty_in_copies():
+    import copy
+    import pickle
+
+    from models.swin_transformer import SwinTransformer
+    model = SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=[2], num_heads=[2],
+                            num_classes=3).train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    spares = [m for name, m in model.named_modules() if name.endswith('spares')]
+    assert len(spares) == 4 and all(s._free for s in spares)  # attention and MLP of both blocks
+    assert model.state_dict().keys() == SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=16,
+                                                        depths=[2], num_heads=[2], num_classes=3).state_dict().keys()
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other.training and all(not m._free for name, m in other.named_modules() if name.endswith('spares'))
+    model.eval()
+    assert all(not s._free for s in spares)
+
+
+def test_cpu_kernels_run_only_for_cpu_tensors_in_eager_mode():
+    from models import cpu_kernels
+    assert cpu_kernels.applies_to(torch.ones(1))
+    assert not cpu_kernels.applies_to(torch.ones(1, device='meta'))
+    mlp = Mlp(8, 16)
+    out = mlp.to('meta')(torch.ones(3, 8, device='meta', requires_grad=True))  # plain ops off the CPU
+    assert out.shape == (3, 8) and 'GeluMlp' not in out.grad_fn.name()
+
+
+def test_mlp_dropout_applies_in_training_mode_without_gradients():
+    mlp = Mlp(8, 16, drop=0.5).train()
+    x = torch.randn(3, 8)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        a = mlp(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(a, mlp.drop(mlp.fc2(mlp.drop(F.gelu(mlp.fc1(x))))))

@@ -8,9 +8,11 @@ import pytest
 import timm
 import torch
 
-from checkpoints import files as ckpt
-from models.adapt import is_timm_layout, load_pretrained, resize_bias_table
+from checkpoints.reading import load_pretrained
+from models import weights
+from models.adapt import is_timm_layout, resize_bias_table
 from models.swin_transformer import SwinTransformer
+from utils import CheckpointError
 
 ARCH = dict(patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], drop_path_rate=0.0)
 
@@ -54,7 +56,7 @@ def test_every_container_format_loads_and_gives_equal_logits(tmp_path, log, wrap
 
 def test_files_are_read_with_weights_only(tmp_path, log):
     path = _save(tmp_path, {'model': _model().state_dict(), 'saved_at': datetime.datetime(2026, 1, 1)})
-    with pytest.raises(ckpt.CheckpointError, match='cannot be read|weights_only|unsupported'):
+    with pytest.raises(CheckpointError, match='cannot be read|weights_only|unsupported'):
         load_pretrained(_model(), path, log)
 
 
@@ -125,7 +127,7 @@ def test_bad_class_maps_are_one_line(tmp_path, log, lines, words):
     if lines is not None:
         class_map.write_text('\n'.join(lines))
     path = _save(tmp_path, {'model': _model(num_classes=9).state_dict()})
-    with pytest.raises(ckpt.CheckpointError, match=words):
+    with pytest.raises(CheckpointError, match=words):
         load_pretrained(_model(num_classes=4), path, log, str(class_map))
 
 
@@ -133,20 +135,20 @@ def test_class_map_for_a_file_without_classifier_is_an_error(tmp_path, log):
     class_map = tmp_path / 'map.txt'
     class_map.write_text('0\n1\n2\n')
     path = _save(tmp_path, {'model': _model(num_classes=0).state_dict()})
-    with pytest.raises(ckpt.CheckpointError, match='no classifier to select classes from'):
+    with pytest.raises(CheckpointError, match='no classifier to select classes from'):
         load_pretrained(_model(num_classes=3), path, log, str(class_map))
 
 
 def test_half_a_classifier_is_an_error(tmp_path, log):
     state = _model().state_dict()
     del state['head.bias']
-    with pytest.raises(ckpt.CheckpointError, match='has head.weight but not head.bias'):
+    with pytest.raises(CheckpointError, match='has head.weight but not head.bias'):
         load_pretrained(_model(), _save(tmp_path, {'model': state}), log)
 
 
 def test_evaluation_refuses_an_untrained_head(tmp_path, log):
     path = _save(tmp_path, {'model': _model(num_classes=7).state_dict()})
-    with pytest.raises(ckpt.CheckpointError, match='untrained head'):
+    with pytest.raises(CheckpointError, match='untrained head'):
         load_pretrained(_model(num_classes=3), path, log, allow_head_reinit=False)
 
 
@@ -166,14 +168,14 @@ def test_headless_model_says_the_head_is_not_used(tmp_path, log, caplog):
 def test_anything_else_that_does_not_fit_is_an_error_naming_keys_and_shapes(tmp_path, log, change, words):
     state = _model().state_dict()
     change(state)
-    with pytest.raises(ckpt.CheckpointError, match=words):
+    with pytest.raises(CheckpointError, match=words):
         load_pretrained(_model(), _save(tmp_path, {'model': state}), log)
 
 
 def test_another_feature_width_in_the_head_is_an_error(tmp_path, log):
     state = _model().state_dict()
     state['head.weight'] = torch.ones(5, 48)
-    with pytest.raises(ckpt.CheckpointError, match='head'):
+    with pytest.raises(CheckpointError, match='head'):
         load_pretrained(_model(), _save(tmp_path, {'model': state}), log)
 
 
@@ -210,3 +212,40 @@ def test_official_layout_is_not_mistaken_for_timm():
     assert not is_timm_layout(_model().state_dict())
     assert not is_timm_layout(SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=[2], num_heads=[2],
                                               window_size=4, num_classes=0).state_dict())
+
+
+# --------------------------------------------------------------------------- models.weights
+
+def test_derived_buffer_names_are_those_the_models_hold():
+    from models.swin_transformer_v2 import SwinTransformerV2
+    held = {name.rsplit('.', 1)[-1] for cls in (SwinTransformer, SwinTransformerV2)
+            for name, _ in cls(img_size=32, window_size=4, **ARCH).named_buffers()}
+    assert weights.DERIVED_BUFFERS == held == {'relative_position_index', 'attn_mask', 'relative_coords_table'}
+    assert weights.is_derived('layers.0.blocks.1.attn_mask') and weights.is_derived('relative_coords_table')
+    assert not weights.is_derived('layers.0.blocks.1.attn.relative_position_bias_table')
+
+
+def test_load_model_weights_is_strict_with_one_line_and_ignores_derived_buffers():
+    state = _model().state_dict()
+    state['layers.0.blocks.1.attn_mask'] = torch.zeros(3, 16, 16)  # made at another resolution
+    del state['layers.0.blocks.0.attn.relative_position_index']     # or not carried at all
+    target = _model()
+    weights.load_model_weights(target, state, 'file.pth')
+    assert torch.equal(target.head.weight, state['head.weight'])
+    bad = dict(state, **{'norm.weight': torch.ones(48), 'extra.bias': torch.ones(1)})
+    del bad['head.bias']
+    with pytest.raises(CheckpointError) as err:
+        weights.load_model_weights(_model(), bad, 'file.pth')
+    assert str(err.value) == ("'file.pth' does not fit this model (another architecture or config?): missing "
+                              "head.bias; unexpected extra.bias; shape mismatch norm.weight (48,) vs model (32,)")
+
+
+def test_mismatch_lists_the_first_names_and_check_fits_takes_shapes():
+    assert weights.mismatch_error('f', [], [], []) is None
+    error = weights.mismatch_error('f', ['a', 'b', 'c', 'd', 'e'], [], ['x (1,) vs model (2,)', 'y', 'z'])
+    assert str(error).endswith('missing a, b, c and 2 more; shape mismatch x (1,) vs model (2,), y and 1 more')
+    own = {'w': (2, 3), 'blk.attn_mask': (4, 9, 9)}
+    weights.check_fits(own, {'w': (2, 3), 'blk.attn_mask': (1, 9, 9)}, 'f')
+    weights.check_fits(own, {'w': None}, 'f')  # an entry that is not a tensor: no shape to compare
+    with pytest.raises(CheckpointError, match=r'shape mismatch w \(3, 2\) vs model \(2, 3\)'):
+        weights.check_fits(own, {'w': (3, 2)}, 'f')

@@ -381,6 +381,39 @@ def test_joined_mask_is_reused_in_inference_and_rebuilt_when_weights_change():
 
 
 @pytest.mark.parametrize('v2', [False, True])
+def test_reused_joined_mask_follows_weights_changed_without_a_version_bump(v2):
+    """Fused optimizers change weights without bumping their version counter: inference right
+    after such a step, with no mode switch between, must use the new bias."""
+    from models.swin_transformer_v2 import SwinTransformerV2
+    cls = SwinTransformerV2 if v2 else SwinTransformer
+    model = cls(img_size=64, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2], num_classes=3).eval()
+    blk = model.layers[0].blocks[1]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        model(x)
+        first = blk.attn.joined_mask(blk.attn_mask)
+        assert blk.attn.joined_mask(blk.attn_mask) is first
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    versions = [t._version for t in blk.attn.bias_sources()]
+    opt.step()
+    assert [t._version for t in blk.attn.bias_sources()] == versions  # the step left no trace
+    with torch.inference_mode():
+        after = model(x)
+        changed = blk.attn.joined_mask(blk.attn_mask)
+    assert not torch.equal(changed, first)
+    torch.testing.assert_close(after, model(x).detach(), rtol=1e-4, atol=1e-5)  # with gradients: never reused
+
+
+def test_fsdp_units_are_the_blocks():
+    model = SwinTransformer(**MICRO)
+    units = model.fsdp_units()
+    assert units == [blk for layer in model.layers for blk in layer.blocks]
+    assert len(units) == sum(MICRO['depths']) and all(isinstance(u, SwinTransformerBlock) for u in units)
+
+
+@pytest.mark.parametrize('v2', [False, True])
 def test_training_after_inference_mode_with_a_frozen_stage(v2):
     """Validation runs under inference_mode; layouts and joined masks it caches are inference
     tensors, which a later training step (a frozen stage reuses cached masks) must not save."""

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer_v2 import checkpoint_filter_fn
 
+from checkpoints.reading import load_pretrained
 from config import ConfigError, get_config
 from helpers.models import randomize, rel_err, set_fused
 from helpers.runs import ROOT
 from models import build_model
-from models.adapt import load_pretrained
 from models.swin_transformer_v2 import (
     LOGIT_SCALE_MAX,
     SwinTransformerBlock,
@@ -216,6 +216,12 @@ def test_joined_mask_is_reused_in_inference_and_rebuilt_when_the_mlp_changes():
         changed = attn.joined_mask(mask)
     assert changed is not first and not torch.equal(changed, first)
     assert attn.joined_mask(mask).requires_grad  # with gradients on, joined anew each call
+
+
+def test_fsdp_units_are_the_v2_blocks():
+    model = SwinTransformerV2(**MICRO)
+    assert model.fsdp_units() == [blk for layer in model.layers for blk in layer.blocks]
+    assert all(isinstance(u, SwinTransformerBlock) for u in model.fsdp_units())
 
 
 def test_bias_mlp_runs_once_per_block_in_a_training_step():

@@ -1,42 +1,25 @@
-"""Checkpoint files: atomic writes, the newest readable one for auto-resume, strict model
-loading with a one-line error, pruning, and the RNG states a resume restores.
+"""The checkpoints of a run's output folder: their names, the `latest` marker, the
+candidates auto-resume tries, pruning, setting aside an abandoned timeline, and the
+temporaries a killed write leaves behind.
 
-A checkpoint is a plain dict (`model` in the official key format, `optimizer`,
-`lr_scheduler`, `scaler`, `epoch`, `max_accuracy`, `config` as a YAML string, plus `step`,
-`rng`, ...) that `torch.load(weights_only=True)` reads: no pickled objects. Sharded runs
-(TRAIN.PARALLEL fsdp) write the same content as a folder instead (`*.dcp`, see
-sharded.py); the names, `latest`, pruning and auto-resume treat both alike.
+Epoch checkpoints are `ckpt_epoch_<epoch>`, mid-epoch ones `ckpt_step_<updates done>`,
+the best one `best`; files end in `.pth`, the folders of sharded (fsdp) runs in `.dcp`.
+Every name is published by a rename, so a checkpoint is whole or absent.
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import random
 import re
 import shutil
 
-import numpy as np
-import torch
-
-from utils import (  # noqa: F401
-    TMP_MARK,
-    CheckpointError,
-    OutputError,
-    atomic_save,
-    atomic_write,
-    atomic_write_text,
-    error_line,
-    fsync_dir,
-)
+from utils import TMP_MARK, OutputError, atomic_write, atomic_write_text, error_line, fsync_dir
 
 EPOCH_FILE = re.compile(r'^ckpt_epoch_(\d+)\.(?:pth|dcp)$')
 STEP_FILE = re.compile(r'^ckpt_step_(\d+)\.(?:pth|dcp)$')  # mid-epoch, numbered by optimizer updates done
 BEST_FILE = 'best.pth'
 BEST_FOLDER = 'best.dcp'
 LATEST_FILE = 'latest'  # names the newest checkpoint; rewritten only after it is in place
-# derived buffers the model rebuilds itself; a file may carry them or not (see the model)
-DERIVED_SUFFIXES = ('relative_position_index', 'attn_mask', 'relative_coords_table')
+SET_ASIDE = TMP_MARK + 'old'  # a folder being replaced, for an instant
 
 
 def _suffix(sharded: bool) -> str:
@@ -61,9 +44,6 @@ def remove_other_best(folder: str, sharded: bool) -> None:
     other = os.path.join(folder, best_name(not sharded))
     if os.path.exists(other):
         remove_checkpoint(other)
-
-
-SET_ASIDE = TMP_MARK + 'old'  # a folder being replaced, for an instant
 
 
 def remove_checkpoint(path: str) -> None:
@@ -216,118 +196,3 @@ def set_aside_later_checkpoints(folder: str, epoch: int, updates: int, keep: str
     for path in later:
         os.replace(path, path + '.stale')
     return later
-
-
-def read_checkpoint(path: str) -> dict:
-    """Load a checkpoint file safely (weights_only) on the CPU, or raise CheckpointError.
-    For a sharded checkpoint folder: its non-tensor part, the tensors stay on disk until
-    `model_state_dict` (or a training resume) reads them."""
-    if os.path.isdir(path):
-        from checkpoints import sharded  # it builds on this module
-        return sharded.read_meta(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
-    try:
-        # timm's train.py stores its argparse.Namespace beside the weights: plain values, allowed
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises several types for torn or foreign files
-        if 'Weights only load failed' in str(e):
-            raise CheckpointError(f"checkpoint '{path}' holds pickled Python objects, which safe "
-                                  f"(weights_only) loading refuses; save its state dicts only") from None
-        raise CheckpointError(f"cannot read checkpoint '{path}' (truncated, or not a PyTorch "
-                              f"checkpoint): {error_line(e)}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a dict of weights")
-    return obj
-
-
-def newest_readable_checkpoint(folder: str, logger: logging.Logger) -> tuple[str, dict] | None:
-    """The newest checkpoint in `folder` that loads; unreadable ones are skipped with a
-    warning naming them (and left on disk for the user to inspect)."""
-    for path in resume_candidates(folder):
-        try:
-            return path, read_checkpoint(path)
-        except CheckpointError as e:
-            logger.warning(f'auto-resume skips {e}')
-    return None
-
-
-def model_state_dict(checkpoint: dict) -> dict:
-    """The weights of an official/our checkpoint (`model` entry), of a timm training
-    checkpoint (`state_dict`) or of a bare state dict, without DDP's `module.` prefix; the
-    full weights of a sharded checkpoint."""
-    from checkpoints import sharded  # it builds on this module
-    if sharded.SHARDED in checkpoint:
-        return sharded.read_full_state(checkpoint[sharded.SHARDED])
-    state = checkpoint.get('model', checkpoint.get('state_dict', checkpoint))
-    if not isinstance(state, dict):
-        raise CheckpointError(f"the checkpoint's 'model' entry is a {type(state).__name__}, not a state dict")
-    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
-
-
-def _first_names(names: list[str], n: int = 3) -> str:
-    more = f' and {len(names) - n} more' if len(names) > n else ''
-    return ', '.join(names[:n]) + more
-
-
-def mismatch_error(source: str, missing: list[str], unexpected: list[str],
-                   shapes: list[str]) -> CheckpointError | None:
-    """One line naming the first keys a file lacks, has in excess, or has in another shape."""
-    problems = []
-    if missing:
-        problems.append(f'missing {_first_names(missing)}')
-    if unexpected:
-        problems.append(f'unexpected {_first_names(unexpected)}')
-    if shapes:
-        problems.append(f'shape mismatch {_first_names(shapes, 2)}')
-    if not problems:
-        return None
-    return CheckpointError(f"'{source}' does not fit this model (another architecture or config?): "
-                           + '; '.join(problems))
-
-
-def check_fits(own: dict[str, tuple], saved: dict[str, tuple], source: str) -> None:
-    """Raise one line naming the first differing keys when the tensor names and shapes
-    `saved` (name -> shape) are not the model's `own`; derived buffers may differ."""
-    derived = lambda k: k.endswith(DERIVED_SUFFIXES)  # noqa: E731
-    missing = [k for k in own if k not in saved and not derived(k)]
-    unexpected = [k for k in saved if k not in own and not derived(k)]
-    shapes = [f'{k} {saved[k]} vs model {own[k]}' for k in own
-              if k in saved and not derived(k) and saved[k] is not None and saved[k] != own[k]]
-    error = mismatch_error(source, missing, unexpected, shapes)
-    if error:
-        raise error
-
-
-def shapes_of(state: dict) -> dict[str, tuple | None]:
-    return {k: tuple(v.shape) if hasattr(v, 'shape') else None for k, v in state.items()}
-
-
-def load_model_weights(model: torch.nn.Module, state: dict, source: str) -> None:
-    """Strict load that reports a mismatch as one line naming the first differing keys."""
-    check_fits(shapes_of(model.state_dict()), shapes_of(state), source)
-    model.load_state_dict(state, strict=True)
-
-
-def capture_rng() -> dict:
-    """This process's RNG states, as tensors and plain numbers (weights_only-loadable)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        'python': random.getstate(),
-        'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
-                  'has_gauss': int(has_gauss), 'gauss': float(gauss)},
-        'torch': torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state()  # this rank's device
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    random.setstate(state['python'])
-    n = state['numpy']
-    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])
