@@ -6,8 +6,11 @@ CUDA gets nccl and one GPU per local rank, anything else runs on the CPU with gl
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import os
+import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -97,8 +100,35 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device,
 
 
 def shutdown() -> None:
-    if _active():
-        dist.destroy_process_group()
+    """Destroy the process group, and so join its gloo worker threads, before the interpreter
+    exits. `destroy_process_group` drops only torch.distributed's own references; after FSDP
+    the DeviceMeshes of the sharded parameters stay in DTensor's module-level caches, each
+    holding the group, which would then live (with its threads) into interpreter shutdown,
+    where a gloo worker freeing a finished collective's tensors needs the GIL, Python ends
+    that thread, and the process aborts ('terminate called without an active exception')
+    after a complete run."""
+    if not _active():
+        return
+    world = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    if world() is not None:
+        _release_mesh_groups()
+    if world() is not None:
+        warnings.warn('the default process group is still referenced after destroy_process_group; its gloo '
+                      'threads may outlive the run and abort the process at exit', RuntimeWarning, stacklevel=2)
+
+
+def _release_mesh_groups() -> None:
+    """Drop the process groups held by every DeviceMesh still alive (in DTensor's caches): the
+    last reference goes, and the group's destructor joins its threads now. Eager DTensor code
+    resolves groups by name, so a cached mesh left without them is never asked for one."""
+    from torch.distributed.device_mesh import DeviceMesh
+    gc.collect()  # a sharded model or optimizer left in a reference cycle holds its mesh's group too
+    for obj in gc.get_objects():
+        if issubclass(type(obj), DeviceMesh):
+            registry = getattr(obj, '_pg_registry', None)
+            if isinstance(registry, dict):
+                registry.clear()
 
 
 def barrier() -> None:

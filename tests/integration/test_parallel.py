@@ -309,3 +309,22 @@ def test_fsdp_run_stopped_mid_epoch_resumes_bit_for_bit(cfg_file, tmp_path, monk
         assert torch.equal(value, whole[key]), key
     assert not list(cut.glob('ckpt_step_*'))
 
+
+def test_fsdp_run_frees_its_process_group(cfg_file, tmp_path, monkeypatch):
+    """An fsdp run's process group is gone once the run returns. DTensor's caches keep the
+    DeviceMeshes, which hold the group: destroy_process_group alone left it (and its gloo
+    threads) alive into interpreter exit, where a worker freeing a collective's tensors
+    aborts the process ('terminate called without an active exception')."""
+    import weakref
+
+    import torch.distributed as dist
+    groups = []
+    destroy = dist.destroy_process_group
+
+    def spy(group=None):
+        groups.append(weakref.ref(dist.group.WORLD))
+        destroy(group)
+    monkeypatch.setattr(dist, 'destroy_process_group', spy)
+    assert main.main(['--cfg', cfg_file, '--output', str(tmp_path), '--opts', 'TRAIN.PARALLEL', 'fsdp',
+                      'TRAIN.EPOCHS', '1']) == 0
+    assert len(groups) == 1 and groups[0]() is None
