@@ -11,7 +11,7 @@
   fp32 master weights; fp32 throughout without AMP).
 
 All three train the same function: on the same data they give the same updates up to
-floating-point summation order (tests/test_parallel.py).
+floating-point summation order (tests/integration/test_parallel.py).
 """
 from __future__ import annotations
 
