@@ -100,7 +100,10 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, config, ctx: DistContext) 
     # the constructor's own arguments only (AdamW's defaults also hold Adam's decoupled_weight_decay)
     accepted = inspect.signature(type(optimizer)).parameters
     settings = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer), **settings)
+    # bucket views: each rank's parameters are views into one flat tensor per device, so the
+    # updated shards go out in one broadcast per rank instead of one per tensor
+    return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer), parameters_as_bucket_view=True,
+                                   **settings)
 
 
 def is_zero(optimizer: torch.optim.Optimizer) -> bool:

@@ -14,6 +14,16 @@ from torch.distributed.tensor import DTensor
 from distributed.parallel import local_optimizer
 
 
+def reads_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """The optimizer skips its step on the device when its `found_inf` tensor is 1."""
+    return bool(optimizer.defaults.get('fused'))
+
+
+def _parameter_device(optimizer: torch.optim.Optimizer) -> torch.device | None:
+    # ZeRO gives every rank every group, some of them empty on a rank
+    return next((p.device for group in optimizer.param_groups for p in group['params']), None)
+
+
 def clip_grad_norm(parameters: list[torch.Tensor], clip: float | None) -> torch.Tensor:
     """Clip to `clip` and return the norm before clipping; with no clip only measure (the
     gradients are not touched, not even multiplied by 1)."""
@@ -29,9 +39,13 @@ def clip_grad_norm(parameters: list[torch.Tensor], clip: float | None) -> torch.
 
 
 class NonFiniteGuard:
-    """Takes the optimizer step unless the gradient norm is not finite. With a fused optimizer
-    the skip is the kernel's `found_inf` flag, so no step waits for the GPU. The gradients are
-    all-reduced before the norm, so every rank takes the same decision."""
+    """Takes the optimizer step unless the gradient norm is not finite. Kernels that read a
+    `found_inf` flag (torch's fused ones) skip on the device, so no step waits for the GPU;
+    other kernels need the flag on the host. The gradients are all-reduced before the norm,
+    so every rank takes the same decision.
+
+    `device`: where the gradients (and so their norm) live: the model's device, or the host
+    for CPU-offloaded FSDP shards, so the counters and the flag never cross devices."""
 
     def __init__(self, device: torch.device, limit: int):
         self.limit = limit
@@ -41,20 +55,24 @@ class NonFiniteGuard:
         self.reported = 0
 
     def step(self, optimizer: torch.optim.Optimizer, scaler, grad_norm: torch.Tensor, update: int) -> None:
-        bad = ~torch.isfinite(grad_norm.to(self.total.device))  # CPU-offloaded shards give a CPU norm
+        """The guarded update. With a gradient scaler (fp16) the gradients are already
+        unscaled (`scaler.unscale_`), so a non-finite norm is exactly the scaler's own
+        overflow test; the scaler then only moves its scale, on the device."""
+        bad = ~torch.isfinite(grad_norm.to(self.total.device))
         self.total += bad
         self.consecutive = (self.consecutive + 1) * bad
         self.last_update = torch.where(bad, torch.full_like(self.last_update, update), self.last_update)
         kernel = local_optimizer(optimizer)  # ZeRO's step runs its per-rank optimizer
-        if scaler is not None:  # the scaler skips non-finite gradients by itself
-            scaler.step(optimizer)
+        if reads_found_inf(kernel):
+            device = _parameter_device(kernel)  # None: this ZeRO rank holds no parameter
+            if device is not None:
+                kernel.found_inf = bad.to(device, torch.float32)
+            optimizer.step()
+            kernel.__dict__.pop('found_inf', None)
+        elif not bad.item():  # a kernel that cannot skip on the device
+            optimizer.step()
+        if scaler is not None:
             scaler.update()
-        elif kernel.defaults.get('fused'):
-            kernel.found_inf = bad.float().to(kernel.param_groups[0]['params'][0].device)
-            optimizer.step()
-            del kernel.found_inf
-        elif not bad.item():  # other kernels cannot skip on the device
-            optimizer.step()
 
     def check(self, logger: logging.Logger) -> str | None:
         """Log new skips; past the limit, the message to stop with (reads the counters:

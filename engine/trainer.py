@@ -58,7 +58,9 @@ class Trainer:
         self.scaler = make_scaler(amp_dtype, self.device)
         self.ema = build_ema(config, self.model, logger)
         self.criterion = build_criterion(config, mixup_fn is not None)
-        self.guard = NonFiniteGuard(self.device, config.TRAIN.MAX_CONSECUTIVE_SKIPS)
+        # counted where the gradients live: the host for CPU-offloaded FSDP shards
+        grad_device = next((p.device for p in self.model.parameters() if p.requires_grad), self.device)
+        self.guard = NonFiniteGuard(grad_device, config.TRAIN.MAX_CONSECUTIVE_SKIPS)
         self.prep_train = DevicePreprocessor(config, self.device, is_train=True)
         self.prep_val = DevicePreprocessor(config, self.device, is_train=False)
         self.train_module = parallel.training_module(self.model, config, ctx)  # DDP for ddp and zero
