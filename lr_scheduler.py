@@ -1,14 +1,20 @@
 """Learning-rate schedules per optimizer update, with linear warmup, and the batch-size
 scaling of the configured learning rates.
 
-Written here rather than taken from timm: timm's warmup ramps to BASE_LR and then jumps to
-the schedule's value when the warmup is not a prefix, and its state holds more than a step
-count; ours is continuous at the end of warmup, and its whole state is the update count, so
-a resume with another GPU count or batch size recomputes the LR from the new schedule.
-With the official defaults (cosine, warmup prefix) the values equal timm's.
+The values are those of the official `build_scheduler` with the timm version it was written
+for (0.4.12), for every schedule and option, group by group: a group's peak is BASE_LR x its
+lr_scale (layer decay); WARMUP_LR and MIN_LR are not scaled. In particular:
+- warmup ramps linearly from WARMUP_LR to the group's peak; without TRAIN.LR_SCHEDULER.
+  WARMUP_PREFIX the cosine then continues at its value for the update count (counted from
+  update 0, so the LR drops at the end of warmup), with it the cosine starts after warmup;
+- `linear` decays from the peak after warmup to 1% of it at the end, whatever MIN_LR says;
+- `step` and `multistep` count their decay points from update 0.
+Written here rather than taken from timm so the whole state is the update count: a resume
+with another GPU count or batch size recomputes the LR from the new schedule.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -40,12 +46,20 @@ def scaled_learning_rates(config: CfgNode, world_size: int) -> dict[str, float]:
             'warmup_lr': config.TRAIN.WARMUP_LR * factor, 'min_lr': config.TRAIN.MIN_LR * factor}
 
 
-class LRScheduler:
-    """Sets every param group's LR to `lr_at(updates) * group['lr_scale']`.
+# the official `linear` schedule ends at this fraction of the peak LR
+LINEAR_END_RATE = 0.01
 
-    `step_update(k)` is called with the number of optimizer updates done so far, so the
-    next update uses `lr_at(k)`; construction applies `lr_at(0)`, the warmup start.
-    """
+
+def schedule_position(updates_done: int) -> int:
+    """The schedule index the next update uses after `updates_done` updates: the official loop
+    calls `step_update` with the index of the update just done, so the first two updates
+    both use the warmup start and update k (from 1) uses the value at k - 1."""
+    return max(updates_done - 1, 0)
+
+
+class LRScheduler:
+    """Sets every param group's LR to `lr_at(t, group['lr_scale'])` on `step_update(t)`;
+    construction applies `t = 0`, the warmup start."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, name: str, base_lr: float, warmup_lr: float,
                  min_lr: float, warmup_steps: int, total_steps: int, warmup_prefix: bool = True,
@@ -63,46 +77,41 @@ class LRScheduler:
         self.warmup_prefix = bool(warmup_prefix)
         self.decay_steps, self.decay_rate = int(decay_steps), float(decay_rate)
         self.milestones, self.gamma = [int(m) for m in milestones], float(gamma)
-        # length of the main schedule; at least 1 so a warmup as long as the run still works
+        # the cosine's length; at least 1 so a warmup as long as the run still works
         span = self.total_steps - self.warmup_steps if self.warmup_prefix else self.total_steps
-        self.main_steps = max(span, 1)
-        if self.warmup_steps > 0:
-            target = self._main_lr(self.warmup_steps)
-            self._warmup_slope = (target - self.warmup_lr) / self.warmup_steps
+        self.cosine_steps = max(span, 1)
         self.num_updates = 0
         self.step_update(0)
 
-    def _main_lr(self, step: int) -> float:
-        # step and multistep count their decay points from update 0 whatever WARMUP_PREFIX
-        # says, as the official code (with its timm 0.4.12) does: MULTISTEPS [30, 60] decays
-        # at epochs 30 and 60
+    def _after_warmup(self, t: int, peak: float) -> float:
         if self.name == 'step':
-            return self.base_lr * self.decay_rate ** (step // self.decay_steps)
+            return peak * self.decay_rate ** (t // self.decay_steps)
         if self.name == 'multistep':
-            return self.base_lr * self.gamma ** sum(m <= step for m in self.milestones)
-        t = step - self.warmup_steps if self.warmup_prefix else step
-        if t >= self.main_steps:
+            return peak * self.gamma ** bisect.bisect_right(self.milestones, t)
+        if self.name == 'linear':  # after warmup whatever WARMUP_PREFIX says
+            done = (t - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+            return peak - (peak - peak * LINEAR_END_RATE) * done
+        t = t - self.warmup_steps if self.warmup_prefix else t
+        if t >= self.cosine_steps:  # one cycle, then MIN_LR
             return self.min_lr
-        if self.name == 'cosine':
-            return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t / self.main_steps))
-        return self.base_lr + (self.min_lr - self.base_lr) * t / self.main_steps  # linear
+        return self.min_lr + 0.5 * (peak - self.min_lr) * (1 + math.cos(math.pi * t / self.cosine_steps))
 
-    def lr_at(self, num_updates: int) -> float:
-        """The LR (before a group's lr_scale) for the update after `num_updates` updates."""
-        if num_updates < self.warmup_steps:
-            return self.warmup_lr + num_updates * self._warmup_slope
-        return self._main_lr(num_updates)
+    def lr_at(self, t: int, lr_scale: float = 1.0) -> float:
+        """The LR at schedule index `t` of a group whose peak is BASE_LR x `lr_scale`."""
+        peak = self.base_lr * lr_scale
+        if t < self.warmup_steps:
+            return self.warmup_lr + t * (peak - self.warmup_lr) / self.warmup_steps
+        return self._after_warmup(t, peak)
 
     def step_update(self, num_updates: int) -> None:
-        """Apply the LR for the next update to every param group."""
+        """Apply the LRs at schedule index `num_updates` to every param group."""
         self.num_updates = num_updates
-        lr = self.lr_at(num_updates)
         for group in self.optimizer.param_groups:
-            group['lr'] = lr * group.get('lr_scale', 1.0)
+            group['lr'] = self.lr_at(num_updates, group.get('lr_scale', 1.0))
 
     def state_dict(self) -> dict[str, Any]:
-        """The update count plus the schedule it was counted under (plain numbers), so a
-        resume can compare the schedule; only the count is restored."""
+        """The schedule index plus the schedule it was counted under (plain numbers), so a
+        resume can compare the schedule; only the index is restored."""
         return {'num_updates': self.num_updates, 'name': self.name, 'base_lr': self.base_lr,
                 'warmup_lr': self.warmup_lr, 'min_lr': self.min_lr, 'warmup_steps': self.warmup_steps,
                 'total_steps': self.total_steps, 'warmup_prefix': self.warmup_prefix,
@@ -110,7 +119,7 @@ class LRScheduler:
                 'milestones': list(self.milestones), 'gamma': self.gamma}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the update count and apply its LR under this (possibly new) schedule."""
+        """Restore the index and apply its LRs under this (possibly new) schedule."""
         self.step_update(int(state['num_updates']))
 
 

@@ -22,6 +22,7 @@ from config import model_arch
 from data.prefetch import DevicePrefetcher
 from distributed.parallel import gradient_sync, is_sharded
 from distributed.process_group import all_reduce_sum, max_over_ranks
+from lr_scheduler import schedule_position
 from utils import synchronize
 
 from .amp import autocast_context
@@ -108,7 +109,7 @@ def train_one_epoch(t: Trainer, loader, epoch: int) -> EpochResult:
             if t.ema is not None:  # step = updates done, so a resumed run gets the same decays
                 t.ema.update(t.model, step=update + 1)
             t.optimizer.zero_grad(set_to_none=True)
-            t.scheduler.step_update(update + 1)
+            t.scheduler.step_update(schedule_position(update + 1))
             t.epoch_step = step + 1
         t.step_logger.step_done(step)
         if t.step_logger.due(t, step):

@@ -13,6 +13,7 @@ import time
 import torch
 
 from distributed.process_group import all_reduce_sum
+from lr_scheduler import schedule_position
 from utils import peak_memory_mb, synchronize
 
 
@@ -48,7 +49,7 @@ class StepLogger:
         total, logged = t.loss_sum.item(), float(self.logged_loss)
         step_time = (now - self.interval_start) / steps
         update = self.epoch * t.updates_per_epoch + step // cfg.TRAIN.ACCUMULATION_STEPS
-        lr, norm = t.scheduler.lr_at(update), grad_norm.item()
+        lr, norm = t.scheduler.lr_at(schedule_position(update)), grad_norm.item()
         scale = t.scaler.get_scale() if t.scaler is not None else None
         if self.compile_pending:
             self._log_compile_time(t.logger, now, steps)
@@ -81,7 +82,8 @@ class StepLogger:
         totals = all_reduce_sum(torch.stack([t.loss_sum.to(torch.float64),
                                              torch.full((), steps_done, dtype=torch.float64, device=t.device)]))
         images_seen = (steps_done - self.start_step) * cfg.DATA.BATCH_SIZE * t.ctx.world_size
-        stats = {'train_loss': (totals[0] / totals[1]).item(), 'lr': t.scheduler.lr_at(t.updates_done - 1),
+        last_lr = t.scheduler.lr_at(schedule_position(t.updates_done - 1))
+        stats = {'train_loss': (totals[0] / totals[1]).item(), 'lr': last_lr,
                  'img_per_s': images_seen / elapsed, 'train_time': elapsed, 'updates': t.updates_done}
         if finished:
             t.logger.info(f'EPOCH {self.epoch} training took {datetime.timedelta(seconds=int(elapsed))}, '

@@ -24,7 +24,7 @@ from data import DevicePreprocessor
 from distributed import parallel
 from distributed.memory_report import estimate_memory, report_lines
 from distributed.process_group import DistContext, gather_objects, run_on_main
-from lr_scheduler import build_scheduler
+from lr_scheduler import build_scheduler, schedule_position
 from models.weights import load_model_weights
 from optimizer import build_optimizer, describe_param_groups
 from utils import EXIT_PREEMPTED, ConfigError, DivergedError
@@ -78,7 +78,8 @@ class Trainer:
         self.max_accuracy: float | None = None
         self.max_ema_accuracy: float | None = None
         self.resumed_from: str | None = None
-        self.scheduler.step_update(self.updates_done)  # TRAIN.START_EPOCH may start later than update 0
+        # TRAIN.START_EPOCH may start later than update 0
+        self.scheduler.step_update(schedule_position(self.updates_done))
 
     # --- building ---------------------------------------------------------------------------
 
@@ -274,7 +275,7 @@ class Trainer:
         if self.ema is not None:
             self._load_ema(state.get('model_ema'), source)
         self._load_position(state)
-        self.scheduler.step_update(self.updates_done)
+        self.scheduler.step_update(schedule_position(self.updates_done))
         self.logger.info(f'resumed from {source}: continuing at epoch {self.epoch}'
                          + (f', micro-batch {self.epoch_step}' if self.epoch_step else ''))
 

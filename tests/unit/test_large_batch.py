@@ -130,7 +130,7 @@ def test_layer_decay_lr_scale_reaches_the_step(name):
     assert groups[id(low_w)]['name'] == 'layer_0_decay' and groups[id(low_b)]['name'] == 'layer_0_no_decay'
     scale = groups[id(low_w)]['lr_scale']
     assert scale == pytest.approx(0.5 ** 9) and groups[id(top_w)]['lr_scale'] == 1.0  # 8 blocks + 2 layers
-    lr = scheduler.lr_at(3) * scale
+    lr = scheduler.lr_at(3, scale)
     assert groups[id(low_w)]['lr'] == pytest.approx(lr) and groups[id(low_b)]['lr'] == pytest.approx(lr)
 
     _set_grads(model, 0.1, seed=3)

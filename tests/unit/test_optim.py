@@ -1,4 +1,5 @@
 """Optimizer param groups, layer decay, LR schedules (with timm parity) and LR scaling."""
+import bisect
 import json
 import math
 
@@ -6,12 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 from timm.scheduler.cosine_lr import CosineLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from timm.scheduler.step_lr import StepLRScheduler
 
 import models
 from config import ConfigError
 from helpers.configs import group_of, make_config, with_changes
-from lr_scheduler import LRScheduler, build_scheduler, scaled_learning_rates
+from lr_scheduler import LRScheduler, build_scheduler, scaled_learning_rates, schedule_position
 from optimizer import build_optimizer, describe_param_groups, swin_layer_id
 
 N_ITER = 7  # optimizer updates per epoch in the schedule tests
@@ -165,58 +167,107 @@ def test_layer_decay_depths_fall_back_to_config():
 
 # ---------------------------------------------------------------- schedules
 
-@pytest.mark.parametrize('warmup_epochs', ['2', '0'])
-def test_cosine_matches_timm_at_every_step(warmup_epochs):
-    cfg = schedule_config('TRAIN.WARMUP_EPOCHS', warmup_epochs)
-    t = cfg.TRAIN
-    ours_opt, timm_opt = one_param_optimizer(t.BASE_LR), one_param_optimizer(t.BASE_LR)
-    ours = build_scheduler(cfg, ours_opt, N_ITER)
-    reference = CosineLRScheduler(timm_opt, t_initial=(t.EPOCHS - t.WARMUP_EPOCHS) * N_ITER, lr_min=t.MIN_LR,
-                                  warmup_lr_init=t.WARMUP_LR, warmup_t=t.WARMUP_EPOCHS * N_ITER, cycle_limit=1,
-                                  t_in_epochs=False, warmup_prefix=True)
-    for step in range(t.EPOCHS * N_ITER + 5):
-        ours.step_update(step)
-        reference.step_update(step)
-        assert ours_opt.param_groups[0]['lr'] == pytest.approx(timm_opt.param_groups[0]['lr'], rel=1e-12), step
+SCALES = (1.0, 0.5, 0.1)  # lr_scale of three groups, as layer decay gives them
 
 
-@pytest.mark.parametrize('prefix', [False, True])
-def test_step_matches_timm_at_every_step(prefix):
-    """Decay points counted from update 0 (timm's warmup_prefix=False, the official
-    code's timm 0.4.12 behaviour), whatever WARMUP_PREFIX says."""
-    cfg = schedule_config('TRAIN.LR_SCHEDULER.NAME', 'step', 'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '3',
-                          'TRAIN.LR_SCHEDULER.DECAY_RATE', '0.5', 'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix))
-    t = cfg.TRAIN
-    ours_opt, timm_opt = one_param_optimizer(t.BASE_LR), one_param_optimizer(t.BASE_LR)
-    ours = build_scheduler(cfg, ours_opt, N_ITER)
-    reference = StepLRScheduler(timm_opt, decay_t=3 * N_ITER, decay_rate=0.5, warmup_lr_init=t.WARMUP_LR,
-                                warmup_t=t.WARMUP_EPOCHS * N_ITER, t_in_epochs=False, warmup_prefix=False)
-    for step in range(t.EPOCHS * N_ITER + 5):
-        ours.step_update(step)
-        reference.step_update(step)
-        assert ours_opt.param_groups[0]['lr'] == pytest.approx(timm_opt.param_groups[0]['lr'], rel=1e-12), step
+def grouped_optimizers(base_lr: float):
+    """Ours (groups at BASE_LR with an lr_scale) and the official form of the same groups
+    (each group's lr = BASE_LR x scale, no lr_scale key, as the official optimizer builds
+    them and timm 0.4.12's scheduler reads them)."""
+    ours = torch.optim.SGD([{'params': [nn.Parameter(torch.zeros(1))], 'lr_scale': s} for s in SCALES], lr=base_lr)
+    official = torch.optim.SGD([{'params': [nn.Parameter(torch.zeros(1))], 'lr': base_lr * s} for s in SCALES],
+                               lr=base_lr)
+    return ours, official
 
 
-@pytest.mark.parametrize('name', ['cosine', 'linear'])
+class OfficialMultiStep(Scheduler):
+    """The official repository's own MultiStepLRScheduler (not timm's, whose milestones
+    apply one update early): warmup, then `peak x gamma ** bisect_right(milestones, t)`."""
+
+    def __init__(self, optimizer, milestones, gamma, warmup_t, warmup_lr_init):
+        super().__init__(optimizer, param_group_field='lr')
+        self.milestones, self.gamma, self.warmup_t, self.warmup_lr_init = milestones, gamma, warmup_t, warmup_lr_init
+        self.t_in_epochs = False
+        self.warmup_steps = [(v - warmup_lr_init) / warmup_t for v in self.base_values] if warmup_t else []
+        if warmup_t:
+            self.update_groups(warmup_lr_init)
+
+    def _get_lr(self, t):
+        if t < self.warmup_t:
+            return [self.warmup_lr_init + t * s for s in self.warmup_steps]
+        return [v * self.gamma ** bisect.bisect_right(self.milestones, t) for v in self.base_values]
+
+
+def official_scheduler(cfg, optimizer, n_iter):
+    """The official build_scheduler's schedulers with its arguments: timm's cosine (its
+    `_get_lr` unchanged since 0.4.12 for these arguments), timm's step without a warmup
+    prefix (0.4.12 had none), the official multistep."""
+    t, sched = cfg.TRAIN, cfg.TRAIN.LR_SCHEDULER
+    num_steps, warmup_steps = int(t.EPOCHS * n_iter), int(t.WARMUP_EPOCHS * n_iter)
+    common = {'warmup_lr_init': t.WARMUP_LR, 'warmup_t': warmup_steps}
+    if sched.NAME == 'cosine':
+        return CosineLRScheduler(optimizer, t_initial=(num_steps - warmup_steps) if sched.WARMUP_PREFIX else num_steps,
+                                 lr_min=t.MIN_LR, cycle_limit=1, warmup_prefix=sched.WARMUP_PREFIX,
+                                 t_in_epochs=False, **common)
+    if sched.NAME == 'step':
+        return StepLRScheduler(optimizer, decay_t=int(sched.DECAY_EPOCHS * n_iter), decay_rate=sched.DECAY_RATE,
+                               warmup_prefix=False, t_in_epochs=False, **common)
+    return OfficialMultiStep(optimizer, [m * n_iter for m in sched.MULTISTEPS], sched.GAMMA, **common)
+
+
+@pytest.mark.parametrize('name', ['cosine', 'step', 'multistep'])
 @pytest.mark.parametrize('prefix', [True, False])
-def test_warmup_is_continuous_and_ends_on_the_schedule(name, prefix):
-    # warmup half the run, so a jump to the schedule (timm without prefix) would be large
-    cfg = schedule_config('TRAIN.WARMUP_EPOCHS', '5', 'TRAIN.LR_SCHEDULER.NAME', name,
-                          'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix))
+@pytest.mark.parametrize('warmup_epochs', ['2', '0'])
+def test_matches_the_official_schedule_at_every_update(name, prefix, warmup_epochs):
+    cfg = schedule_config('TRAIN.WARMUP_EPOCHS', warmup_epochs, 'TRAIN.LR_SCHEDULER.NAME', name,
+                          'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix), 'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '3',
+                          'TRAIN.LR_SCHEDULER.DECAY_RATE', '0.5', 'TRAIN.LR_SCHEDULER.MULTISTEPS', '[3, 6]')
+    ours_opt, official_opt = grouped_optimizers(cfg.TRAIN.BASE_LR)
+    ours, reference = build_scheduler(cfg, ours_opt, N_ITER), official_scheduler(cfg, official_opt, N_ITER)
+    for step in range(cfg.TRAIN.EPOCHS * N_ITER + 5):
+        ours.step_update(step)
+        reference.step_update(step)
+        for mine, theirs in zip(ours_opt.param_groups, official_opt.param_groups, strict=True):
+            assert mine['lr'] == pytest.approx(theirs['lr'], rel=1e-12), (step, mine['lr_scale'])
+
+
+@pytest.mark.parametrize('prefix', [True, False])
+def test_linear_is_the_official_formula(prefix):
+    """The official LinearLRScheduler (its own, with lr_min_rate 0.01): warmup to the peak,
+    then `peak - (peak - 0.01 peak) x (t - warmup) / (total - warmup)`; MIN_LR unused."""
+    cfg = schedule_config('TRAIN.LR_SCHEDULER.NAME', 'linear', 'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix),
+                          'TRAIN.MIN_LR', '5e-6')
+    t = cfg.TRAIN
+    opt, _ = grouped_optimizers(t.BASE_LR)
+    s = build_scheduler(cfg, opt, N_ITER)
+    warmup, total = t.WARMUP_EPOCHS * N_ITER, t.EPOCHS * N_ITER
+    for step in range(total + 1):
+        s.step_update(step)
+        for group in opt.param_groups:
+            peak = t.BASE_LR * group['lr_scale']
+            if step < warmup:
+                expected = t.WARMUP_LR + step * (peak - t.WARMUP_LR) / warmup
+            else:
+                expected = peak - (peak - peak * 0.01) * (step - warmup) / (total - warmup)
+            assert group['lr'] == pytest.approx(expected, rel=1e-12), step
+    assert s.lr_at(total) == pytest.approx(0.01 * t.BASE_LR, rel=1e-12) != pytest.approx(t.MIN_LR)
+
+
+def test_warmup_without_prefix_ramps_to_the_peak_then_drops_to_the_cosine():
+    cfg = schedule_config('TRAIN.WARMUP_EPOCHS', '5', 'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', 'False')
     t = cfg.TRAIN
     s = build_scheduler(cfg, one_param_optimizer(), N_ITER)
     w, total = 5 * N_ITER, 10 * N_ITER
-    if prefix:
-        main = t.BASE_LR
-    elif name == 'cosine':
-        main = t.MIN_LR + 0.5 * (t.BASE_LR - t.MIN_LR) * (1 + math.cos(math.pi * w / total))
-    else:
-        main = t.BASE_LR + (t.MIN_LR - t.BASE_LR) * w / total
-    assert s.lr_at(0) == pytest.approx(t.WARMUP_LR)
-    assert s.lr_at(w) == pytest.approx(main, rel=1e-12)
-    ramp_step = abs(main - t.WARMUP_LR) / w
-    assert ramp_step < 0.03 * t.BASE_LR
-    assert abs(s.lr_at(w) - s.lr_at(w - 1)) <= ramp_step * (1 + 1e-9)
+    assert s.lr_at(w - 1) == pytest.approx(t.WARMUP_LR + (w - 1) * (t.BASE_LR - t.WARMUP_LR) / w, rel=1e-12)
+    cosine = t.MIN_LR + 0.5 * (t.BASE_LR - t.MIN_LR) * (1 + math.cos(math.pi * w / total))
+    assert s.lr_at(w) == pytest.approx(cosine, rel=1e-12)
+    assert s.lr_at(w) < 0.6 * s.lr_at(w - 1)  # half-way through the cosine already
+
+
+def test_the_next_update_uses_the_index_of_the_last_one():
+    """The official loop calls step_update(k) after update k: updates 0 and 1 both run at
+    the warmup start, update k >= 1 at the schedule's value for k - 1."""
+    assert [schedule_position(done) for done in range(4)] == [0, 0, 1, 2]
 
 
 def test_construction_applies_the_warmup_start():
@@ -226,10 +277,9 @@ def test_construction_applies_the_warmup_start():
     assert opt.param_groups[0]['lr'] == pytest.approx(cfg.TRAIN.WARMUP_LR)
 
 
-@pytest.mark.parametrize('name', ['cosine', 'linear'])
 @pytest.mark.parametrize('prefix', [True, False])
-def test_cosine_and_linear_end_at_min_lr(name, prefix):
-    cfg = schedule_config('TRAIN.LR_SCHEDULER.NAME', name, 'TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix))
+def test_cosine_ends_at_min_lr(prefix):
+    cfg = schedule_config('TRAIN.LR_SCHEDULER.WARMUP_PREFIX', str(prefix))
     s = build_scheduler(cfg, one_param_optimizer(), N_ITER)
     total, min_lr = s.total_steps, cfg.TRAIN.MIN_LR
     assert s.lr_at(total - 1) > min_lr
@@ -237,13 +287,6 @@ def test_cosine_and_linear_end_at_min_lr(name, prefix):
     assert s.lr_at(total + 100) == pytest.approx(min_lr, rel=1e-12)
     after_warmup = [s.lr_at(i) for i in range(s.warmup_steps, total + 1)]
     assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:]))
-
-
-def test_linear_halfway_is_the_midpoint():
-    cfg = schedule_config('TRAIN.LR_SCHEDULER.NAME', 'linear')
-    s = build_scheduler(cfg, one_param_optimizer(), N_ITER)
-    half = s.warmup_steps + (s.total_steps - s.warmup_steps) // 2  # 14 + 28
-    assert s.lr_at(half) == pytest.approx((cfg.TRAIN.BASE_LR + cfg.TRAIN.MIN_LR) / 2, rel=1e-12)
 
 
 @pytest.mark.parametrize('prefix', [True, False])
@@ -293,9 +336,10 @@ def test_lr_scale_is_applied_per_group():
     for step in (0, 3, N_ITER + 2):
         s.step_update(step)
         for group in opt.param_groups:
-            assert group['lr'] == pytest.approx(s.lr_at(step) * group['lr_scale'], rel=1e-12)
+            assert group['lr'] == pytest.approx(s.lr_at(step, group['lr_scale']), rel=1e-12)
     scales = sorted({g['lr_scale'] for g in opt.param_groups})
     assert scales[-1] == 1.0 and scales[0] < 0.2  # 0.8 ** 9
+    assert s.lr_at(3, scales[0]) < s.lr_at(3)  # warmup towards the group's own peak
     # a group without lr_scale gets the plain LR
     plain = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     LRScheduler(plain, 'cosine', 1e-3, 1e-6, 1e-5, warmup_steps=0, total_steps=10).step_update(5)
