@@ -280,7 +280,9 @@ _C.FUSED_LAYERNORM = False
 MODEL_TYPES = ('swin', 'swinv2')
 # the config section holding each model type's architecture
 ARCH_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2'}
-OPTIMIZERS = ('adamw', 'sgd', 'lamb', 'lars')
+# the official names fused_adam / fused_lamb (apex's FusedAdam / FusedLAMB there): torch's
+# fused AdamW, and LAMB with FusedLAMB's own gradient-norm clip at 1.0
+OPTIMIZERS = ('adamw', 'sgd', 'lamb', 'lars', 'fused_adam', 'fused_lamb')
 LR_SCHEDULERS = ('cosine', 'linear', 'step', 'multistep')
 CACHE_MODES = ('no', 'part', 'full')
 AMP_DTYPES = ('bf16', 'fp16')

@@ -138,7 +138,8 @@ class StepPerParamLamb(Lamb):
 
 def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW or SGD (Nesterov by default, as the official code), or for large batches timm's
-    LAMB or LARS, over `build_param_groups`.
+    LAMB or LARS, over `build_param_groups`; the official `fused_adam` is AdamW (fused
+    kernel), `fused_lamb` is LAMB (with `gradient_clip`'s bound).
 
     LAMB and LARS scale each weight tensor's step by a layer-wise trust ratio (||w|| over the
     update's norm); the no-decay groups (biases, norms, position tables) take plain Adam /
@@ -149,7 +150,7 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     groups = build_param_groups(config, model)
     params = [p for g in groups for p in g['params']]
     lr, weight_decay = config.TRAIN.BASE_LR, config.TRAIN.WEIGHT_DECAY
-    if name == 'adamw':
+    if name in ('adamw', 'fused_adam'):  # AdamW takes the fused kernel wherever it has one
         return torch.optim.AdamW(groups, lr=lr, eps=opt.EPS, betas=tuple(opt.BETAS), weight_decay=weight_decay,
                                  **_kernel_options(torch.optim.AdamW, params))
     if name == 'sgd':
@@ -158,10 +159,10 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
                               f"set TRAIN.OPTIMIZER.NESTEROV False for plain SGD")
         return torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=opt.NESTEROV,
                                weight_decay=weight_decay, **_kernel_options(torch.optim.SGD, params))
-    if name in ('lamb', 'lars'):
+    if name in ('lamb', 'lars', 'fused_lamb'):
         for group in groups:  # timm skips adaptation where weight_decay == 0 unless always_adapt
             group['always_adapt'] = not _is_no_decay_group(group)
-    if name == 'lamb':
+    if name in ('lamb', 'fused_lamb'):
         # max_grad_norm None: the engine already clips the global norm to TRAIN.CLIP_GRAD
         return StepPerParamLamb(groups, lr=lr, betas=tuple(opt.BETAS), eps=opt.EPS, weight_decay=weight_decay,
                                 max_grad_norm=None, trust_clip=opt.TRUST_CLIP, always_adapt=False)
@@ -172,6 +173,19 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         return Lars(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=opt.NESTEROV, weight_decay=weight_decay,
                     trust_coeff=opt.TRUST_COEFF, eps=opt.EPS, trust_clip=opt.TRUST_CLIP, always_adapt=False)
     raise ConfigError(f"TRAIN.OPTIMIZER.NAME '{name}' is not one of {', '.join(OPTIMIZERS)}")
+
+
+# apex's FusedLAMB (the official `fused_lamb`) clips the global gradient norm to this first
+FUSED_LAMB_MAX_GRAD_NORM = 1.0
+
+
+def gradient_clip(config: CfgNode) -> float | None:
+    """The global gradient-norm clip of an update (None: none): TRAIN.CLIP_GRAD, and for
+    `fused_lamb` also FusedLAMB's own clip at 1.0 (clipping to both is clipping to the lower)."""
+    clip = config.TRAIN.CLIP_GRAD or None
+    if config.TRAIN.OPTIMIZER.NAME == 'fused_lamb':
+        return min(clip or FUSED_LAMB_MAX_GRAD_NORM, FUSED_LAMB_MAX_GRAD_NORM)
+    return clip
 
 
 def describe_param_groups(optimizer: torch.optim.Optimizer) -> list[str]:

@@ -55,7 +55,7 @@ import torch.nn as nn
 GIB = 1024 ** 3
 WARN_FRACTION = 0.9
 # optimizer state tensors per trainable parameter
-STATE_TENSORS = {'adamw': 2, 'adam': 2, 'lamb': 2, 'sgd': 1, 'lars': 1}
+STATE_TENSORS = {'adamw': 2, 'adam': 2, 'lamb': 2, 'sgd': 1, 'lars': 1, 'fused_adam': 2, 'fused_lamb': 2}
 _WRAPPER_PREFIXES = ('_orig_mod.', 'module.', '_fsdp_wrapped_module.', '_checkpoint_wrapped_module.')
 
 

@@ -23,6 +23,7 @@ from data.prefetch import DevicePrefetcher
 from distributed.parallel import gradient_sync, is_sharded
 from distributed.process_group import all_reduce_sum, max_over_ranks
 from lr_scheduler import schedule_position
+from optimizer import gradient_clip
 from utils import synchronize
 
 from .amp import autocast_context
@@ -83,7 +84,7 @@ def train_one_epoch(t: Trainer, loader, epoch: int) -> EpochResult:
     accum = t.config.TRAIN.ACCUMULATION_STEPS
     n_steps = t.updates_per_epoch * accum  # a trailing partial accumulation would leak into the next epoch
     params = [p for p in t.train_module.parameters() if p.requires_grad]
-    clip = t.config.TRAIN.CLIP_GRAD or None
+    clip = gradient_clip(t.config)
     t.forward_module.train()  # through a compiled handle too: its guards read the modules' flags
     t.optimizer.zero_grad(set_to_none=True)
     batches = DevicePrefetcher(loader, t.prep_train)  # batch n+1 is read and copied during step n

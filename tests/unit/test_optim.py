@@ -1,4 +1,5 @@
 """Optimizer param groups, layer decay, LR schedules (with timm parity) and LR scaling."""
+import argparse
 import bisect
 import json
 import math
@@ -6,15 +7,17 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from timm.optim import Lamb
 from timm.scheduler.cosine_lr import CosineLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from timm.scheduler.step_lr import StepLRScheduler
 
+import config
 import models
 from config import ConfigError
-from helpers.configs import group_of, make_config, with_changes
+from helpers.configs import DEMO, group_of, make_config, with_changes
 from lr_scheduler import LRScheduler, build_scheduler, scaled_learning_rates, schedule_position
-from optimizer import build_optimizer, describe_param_groups, swin_layer_id
+from optimizer import build_optimizer, describe_param_groups, gradient_clip, swin_layer_id
 
 N_ITER = 7  # optimizer updates per epoch in the schedule tests
 
@@ -381,3 +384,32 @@ def test_scaled_learning_rates(rule, factor):
     assert scaled['warmup_lr'] == pytest.approx(4e-6 * factor)
     assert scaled['min_lr'] == pytest.approx(4e-5 * factor)
     assert cfg.TRAIN.BASE_LR == pytest.approx(4e-3)  # the config is left as it was
+
+
+# ---------------------------------------------------------------- the official fused names
+
+def test_fused_adam_is_fused_adamw_with_the_same_groups():
+    model = models.build_model(make_config())
+    plain = build_optimizer(make_config(), model)
+    fused = build_optimizer(make_config('TRAIN.OPTIMIZER.NAME', 'fused_adam'), model)
+    assert type(fused) is torch.optim.AdamW and fused.defaults['fused'] is True
+    assert [g['name'] for g in fused.param_groups] == [g['name'] for g in plain.param_groups]
+    for key in ('lr', 'eps', 'betas', 'weight_decay'):
+        assert fused.defaults[key] == plain.defaults[key]
+
+
+def test_fused_lamb_is_lamb_with_fused_lambs_gradient_clip():
+    model = models.build_model(make_config())
+    lamb = build_optimizer(make_config('TRAIN.OPTIMIZER.NAME', 'fused_lamb'), model)
+    assert isinstance(lamb, Lamb)
+    assert gradient_clip(make_config('TRAIN.OPTIMIZER.NAME', 'fused_lamb', 'TRAIN.CLIP_GRAD', '5.0')) == 1.0
+    assert gradient_clip(make_config('TRAIN.OPTIMIZER.NAME', 'fused_lamb', 'TRAIN.CLIP_GRAD', '0.5')) == 0.5
+    assert gradient_clip(make_config('TRAIN.OPTIMIZER.NAME', 'fused_lamb', 'TRAIN.CLIP_GRAD', '0')) == 1.0
+    assert gradient_clip(make_config('TRAIN.OPTIMIZER.NAME', 'lamb', 'TRAIN.CLIP_GRAD', '5.0')) == 5.0
+    assert gradient_clip(make_config('TRAIN.CLIP_GRAD', '0')) is None
+
+
+@pytest.mark.parametrize('name', ['fused_adam', 'fused_lamb'])
+def test_official_optim_flag_accepts_the_fused_names(name):
+    args = argparse.Namespace(cfg=DEMO, opts=None, optim=name)
+    assert config.get_config(args).TRAIN.OPTIMIZER.NAME == name
