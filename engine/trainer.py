@@ -193,10 +193,11 @@ class Trainer:
         return None
 
     def after_update(self) -> Stop | None:
-        """Called by the loop after every optimizer update: on a signal any rank received, write
-        a checkpoint and stop; else the periodic mid-epoch checkpoint when SAVE_STEP_FREQ is due
-        (not at the epoch's end, whose own checkpoint follows)."""
-        stopping = self.stop.agreed()
+        """Called by the loop after every optimizer update: on a signal any rank received
+        (checked about every second, see `preemption`), write a checkpoint and stop; else the
+        periodic mid-epoch checkpoint when SAVE_STEP_FREQ is due (not at the epoch's end,
+        whose own checkpoint follows)."""
+        stopping = self.stop.agreed_after_update(self.updates_done)
         updates, every = self.updates_done, self.config.SAVE_STEP_FREQ
         if stopping or (every and updates % every == 0 and updates % self.updates_per_epoch):
             self.checkpointer.save_mid_epoch(self)

@@ -28,12 +28,13 @@ def _stop_at(monkeypatch, call):
     update and one after each epoch's validation), as a signal would."""
     seen = {'n': 0}
 
-    def agreed(self):
+    def agreed(self, *updates_done):
         seen['n'] += 1
         if seen['n'] == call:
             self.signal_name = 'SIGTERM'
         return self.signal_name is not None
     monkeypatch.setattr(preemption.StopRequest, 'agreed', agreed)
+    monkeypatch.setattr(preemption.StopRequest, 'agreed_after_update', agreed)
 
 
 # 6 updates per epoch: check 2 is update 2 (epoch 0); check 9 is update 8 (epoch 1, after the
@@ -122,7 +123,8 @@ def test_resume_with_another_world_or_batch_keeps_the_schedule(cfg_file, tmp_pat
     log = (run_dir / 'log_rank0.txt').read_text()
     assert 'the setup changed' in log and 'micro-batch 6' in log  # 24 images = 6 batches of 4
     state = torch.load(run_dir / 'ckpt_epoch_1.pth', weights_only=True)
-    assert state['step'] == 2 * 12 and state['lr_scheduler']['num_updates'] == 24
+    # 24 updates done; the next one uses the schedule's index 23, as in the official loop
+    assert state['step'] == 2 * 12 and state['lr_scheduler']['num_updates'] == 23
 
 
 def _nan_after(monkeypatch, calls):
