@@ -1,11 +1,12 @@
 """The last steps of the official pipeline, run on the training device on whole batches:
-uint8 -> float, ToTensor's /255, ImageNet normalization, and (training) timm's random
-erasing. Loader batches stay uint8 until here: a quarter of the bytes to copy."""
+uint8 -> float, ToTensor's /255, ImageNet normalization, and (training) random erasing
+(`erasing.py`). Loader batches stay uint8 until here: a quarter of the bytes to copy."""
 from __future__ import annotations
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.data.random_erasing import RandomErasing
+
+from .erasing import BatchRandomErasing
 
 
 class DevicePreprocessor:
@@ -18,8 +19,7 @@ class DevicePreprocessor:
         self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
         self.erase = None
         if is_train and config.AUG.REPROB > 0:
-            self.erase = RandomErasing(config.AUG.REPROB, mode=config.AUG.REMODE,
-                                       max_count=config.AUG.RECOUNT, num_splits=0, device=device)
+            self.erase = BatchRandomErasing(config.AUG.REPROB, mode=config.AUG.REMODE, max_count=config.AUG.RECOUNT)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device, non_blocking=True)
