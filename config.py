@@ -247,6 +247,10 @@ _C.TEST.SHUFFLE = False
 _C.AMP_ENABLE = True
 # [New] AMP compute dtype: bf16 (no loss scaling needed) or fp16 (with a gradient scaler)
 _C.AMP_DTYPE = 'bf16'
+# [New] fp32 math on CUDA (AMP off, and what autocast leaves in fp32) uses TF32 tensor cores
+# for matmuls and convolutions, as torch did by default when the official code was written
+# (torch < 1.12); False keeps full fp32 matmuls (torch's default since 1.12)
+_C.TF32 = True
 # [Deprecated] apex opt level; 'O0' disables AMP
 _C.AMP_OPT_LEVEL = ''
 # Output root; the run writes to OUTPUT/MODEL.NAME/TAG.

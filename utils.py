@@ -87,8 +87,16 @@ def synchronize(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+def reset_peak_memory(device: Any) -> None:
+    """Start a new CUDA peak (the next `peak_memory_mb`); the CPU's resident peak cannot reset."""
+    import torch
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_mb(device: Any) -> float:
-    """Peak device memory allocated (CUDA) or peak resident memory of the process (CPU)."""
+    """Peak device memory allocated (CUDA, since the last `reset_peak_memory`) or peak
+    resident memory of the process (CPU)."""
     import torch
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2 ** 20

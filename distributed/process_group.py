@@ -54,10 +54,7 @@ def init_distributed(group_of_one: bool = False, cpu_collectives: bool = False) 
     CPU offload needs for its gradient norm."""
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f'local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible); '
-                              f'start at most {torch.cuda.device_count()} processes per node (--nproc_per_node)')
-        device = torch.device('cuda', local_rank)
+        device = torch.device('cuda', local_gpu(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     else:
         device = torch.device('cpu')
@@ -77,6 +74,17 @@ def init_distributed(group_of_one: bool = False, cpu_collectives: bool = False) 
                                 rank=rank, world_size=world_size, **kwargs)
     control = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else None
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, control)
+
+
+def local_gpu(local_rank: int, visible: int) -> int:
+    """The GPU index of this process: its local rank, or the only visible GPU when the
+    launcher binds one GPU per task (SLURM's --gpus-per-task, CUDA_VISIBLE_DEVICES per rank)."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise ConfigError(f'local rank {local_rank} has no GPU of its own ({visible} visible); start at most '
+                      f'{visible} processes per node (--nproc_per_node), or bind one GPU to each')
 
 
 def _backend(device: torch.device, cpu_collectives: bool) -> str:

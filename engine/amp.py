@@ -19,6 +19,16 @@ def resolve_amp_dtype(config, device: torch.device) -> tuple[torch.dtype | None,
     return torch.bfloat16, 'bf16 autocast (no loss scaling)'
 
 
+def set_fp32_matmul_math(config, device: torch.device) -> str | None:
+    """On CUDA, TF32 tensor cores for fp32 matmuls and convolutions when config.TF32 (else
+    full fp32); a note for the log. Nothing to set on the CPU."""
+    if device.type != 'cuda':
+        return None
+    torch.set_float32_matmul_precision('high' if config.TF32 else 'highest')
+    torch.backends.cudnn.allow_tf32 = bool(config.TF32)
+    return 'fp32 matmuls and convolutions in TF32 (TF32 True)' if config.TF32 else 'fp32 math in full fp32 (TF32 False)'
+
+
 def autocast_context(amp_dtype: torch.dtype | None, device: torch.device):
     if amp_dtype is None:
         return contextlib.nullcontext()

@@ -36,7 +36,7 @@ from utils import (
     seed_everything,
 )
 
-from .amp import resolve_amp_dtype
+from .amp import resolve_amp_dtype, set_fp32_matmul_math
 from .evaluation import evaluate
 from .loops import compile_model, throughput
 from .trainer import Trainer
@@ -157,7 +157,8 @@ def _run(config, ctx: DistContext) -> int:
         for name in remove_stale_temporaries(config.OUTPUT):
             logger.info(f'removed {name}, a temporary file left by a process killed while writing')
     amp_dtype, amp_note = resolve_amp_dtype(config, ctx.device)
-    _log_environment(ctx, logger, amp_note)
+    tf32_note = set_fp32_matmul_math(config, ctx.device)
+    _log_environment(ctx, logger, amp_note + (f'; {tf32_note}' if tf32_note else ''))
     if config.THROUGHPUT_MODE:
         _write_config(config, ctx, logger)
         model = compile_model(_build_model(config, ctx, logger), config, logger, 'inference forward')

@@ -14,7 +14,7 @@ import torch
 
 from distributed.process_group import all_reduce_sum
 from lr_scheduler import schedule_position
-from utils import peak_memory_mb, synchronize
+from utils import peak_memory_mb, reset_peak_memory, synchronize
 
 
 class StepLogger:
@@ -31,6 +31,7 @@ class StepLogger:
         self.logged_loss: float | torch.Tensor = t.loss_sum.clone()
         self.epoch_start = self.interval_start = time.perf_counter()
         self.first_step_s = 0.0
+        reset_peak_memory(t.device)  # the log's `mem`: this epoch's training peak, not validation's
 
     def step_done(self, step: int) -> None:
         """After each micro-step: with torch.compile the first one's host time is compilation."""
