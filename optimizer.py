@@ -1,22 +1,21 @@
 """Build the optimizer from the config: weight-decay groups as the official Swin code forms
 them, optional layer-wise LR decay as the SimMIM fine-tuning recipe assigns it, the fastest
-kernel the device offers, and timm's LAMB / LARS for large batches.
+kernel the device offers, and LAMB / LARS for large batches.
 
 Groups carry 'lr_scale' (read by `lr_scheduler.LRScheduler`) and 'name' (for the run log).
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.optim import Lamb, Lars
 from torch.distributed.tensor import DTensor
 from yacs.config import CfgNode
 
 from config import OPTIMIZERS, model_arch
+from skipping_optimizers import Lamb, Lars
 from utils import ConfigError
 
 
@@ -85,61 +84,27 @@ def build_param_groups(config: CfgNode, model: nn.Module) -> list[dict[str, Any]
     return [g for g in groups.values() if g['params']]
 
 
-def _kernel_options(optimizer_cls: type[torch.optim.Optimizer],
-                    params: Iterable[torch.Tensor]) -> dict[str, bool]:
-    """fused=True where every parameter sits on one CPU or CUDA device.
+def _kernel_options(params: Iterable[torch.Tensor]) -> dict[str, bool]:
+    """fused=True (AdamW, SGD) where every parameter sits on one CPU or CUDA device; FSDP
+    shards included for AdamW (sharded SGD is `Lars(adapt=False)`, torch has no fused SGD
+    for them).
 
     Measured on this project's 2-core CPU machine, one AdamW step over Swin-T's 28.3M
     parameters takes 18 ms fused against 67-74 ms with the default kernel (SGD: 11 vs 29 ms),
     so CPU runs use the fused kernel as CUDA runs do.
     """
-    params = list(params)
     devices = {p.device.type for p in params}
-    if len(devices) != 1 or not devices <= {'cpu', 'cuda'}:
-        return {}
-    # FSDP shards (DTensors) have a fused kernel for Adam(W) only: torch has no sharding
-    # rule for the fused SGD kernel, so sharded SGD takes the multi-tensor one
-    sharded = any(isinstance(p, DTensor) for p in params)
-    if 'fused' in inspect.signature(optimizer_cls).parameters and not (sharded and optimizer_cls is torch.optim.SGD):
-        return {'fused': True}
-    return {'foreach': True} if devices == {'cuda'} or sharded else {}
+    return {'fused': True} if len(devices) == 1 and devices <= {'cpu', 'cuda'} else {}
 
 
 def _is_no_decay_group(group: dict[str, Any]) -> bool:
     return group['name'].endswith('no_decay')
 
 
-class StepPerParamLamb(Lamb):
-    """timm's Lamb with its step count kept per parameter (`state[p]['step']`, as torch's Adam
-    keeps it) between steps. timm keeps it in the param group, a key a fresh optimizer lacks:
-    the trainer's resume check (same group keys) would refuse the checkpoint, restoring the
-    config's group settings would drop the count (wrong bias correction), and ZeRO copies
-    group keys into its own groups."""
-
-    def __init__(self, params, max_lr_snapshot: Any = None, **kwargs: Any):
-        # ZeRO rebuilds the optimizer from `defaults`, which hold Lamb's derived max_lr_snapshot
-        super().__init__(params, **kwargs)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            counts = [self.state[p]['step'] for p in group['params'] if 'step' in self.state.get(p, {})]
-            if counts:
-                group['step'] = counts[0]
-        try:
-            return super().step(closure)
-        finally:
-            for group in self.param_groups:
-                count = group.pop('step', None)
-                for p in group['params'] if count is not None else ():
-                    if p in self.state:  # parameters that have moments
-                        self.state[p]['step'] = count
-
-
 def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW or SGD (Nesterov by default, as the official code), or for large batches timm's
-    LAMB or LARS, over `build_param_groups`; the official `fused_adam` is AdamW (fused
-    kernel), `fused_lamb` is LAMB (with `gradient_clip`'s bound).
+    """AdamW or SGD (Nesterov by default, as the official code), or for large batches LAMB or
+    LARS (`skipping_optimizers`, timm's arithmetic), over `build_param_groups`; the official
+    `fused_adam` is AdamW (fused kernel), `fused_lamb` is LAMB (with `gradient_clip`'s bound).
 
     LAMB and LARS scale each weight tensor's step by a layer-wise trust ratio (||w|| over the
     update's norm); the no-decay groups (biases, norms, position tables) take plain Adam /
@@ -152,20 +117,22 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     lr, weight_decay = config.TRAIN.BASE_LR, config.TRAIN.WEIGHT_DECAY
     if name in ('adamw', 'fused_adam'):  # AdamW takes the fused kernel wherever it has one
         return torch.optim.AdamW(groups, lr=lr, eps=opt.EPS, betas=tuple(opt.BETAS), weight_decay=weight_decay,
-                                 **_kernel_options(torch.optim.AdamW, params))
+                                 **_kernel_options(params))
     if name == 'sgd':
         if opt.NESTEROV and opt.MOMENTUM <= 0:
             raise ConfigError(f"TRAIN.OPTIMIZER.NESTEROV needs TRAIN.OPTIMIZER.MOMENTUM > 0, got {opt.MOMENTUM}; "
                               f"set TRAIN.OPTIMIZER.NESTEROV False for plain SGD")
+        if any(isinstance(p, DTensor) for p in params):  # torch has no fused SGD for FSDP shards
+            return Lars(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=opt.NESTEROV, weight_decay=weight_decay,
+                        adapt=False)
         return torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=opt.NESTEROV,
-                               weight_decay=weight_decay, **_kernel_options(torch.optim.SGD, params))
+                               weight_decay=weight_decay, **_kernel_options(params))
     if name in ('lamb', 'lars', 'fused_lamb'):
         for group in groups:  # timm skips adaptation where weight_decay == 0 unless always_adapt
             group['always_adapt'] = not _is_no_decay_group(group)
-    if name in ('lamb', 'fused_lamb'):
-        # max_grad_norm None: the engine already clips the global norm to TRAIN.CLIP_GRAD
-        return StepPerParamLamb(groups, lr=lr, betas=tuple(opt.BETAS), eps=opt.EPS, weight_decay=weight_decay,
-                                max_grad_norm=None, trust_clip=opt.TRUST_CLIP, always_adapt=False)
+    if name in ('lamb', 'fused_lamb'):  # the engine clips the global norm (TRAIN.CLIP_GRAD, `gradient_clip`)
+        return Lamb(groups, lr=lr, betas=tuple(opt.BETAS), eps=opt.EPS, weight_decay=weight_decay,
+                    trust_clip=opt.TRUST_CLIP, always_adapt=False)
     if name == 'lars':
         if opt.NESTEROV and opt.MOMENTUM <= 0:
             raise ConfigError(f"TRAIN.OPTIMIZER.NESTEROV needs TRAIN.OPTIMIZER.MOMENTUM > 0, got {opt.MOMENTUM}; "
@@ -173,6 +140,17 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         return Lars(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=opt.NESTEROV, weight_decay=weight_decay,
                     trust_coeff=opt.TRUST_COEFF, eps=opt.EPS, trust_clip=opt.TRUST_CLIP, always_adapt=False)
     raise ConfigError(f"TRAIN.OPTIMIZER.NAME '{name}' is not one of {', '.join(OPTIMIZERS)}")
+
+
+def optimizer_kind(group: dict[str, Any]) -> str:
+    """The update rule a param group's settings belong to, whichever class ran it (torch's
+    SGD and the sharded-SGD form of `Lars`, timm's LAMB / LARS of earlier checkpoints and
+    `skipping_optimizers`), so a resume can tell another optimizer from another kernel."""
+    if 'betas' in group:
+        return 'lamb' if 'trust_clip' in group else 'adamw'
+    if 'trust_coeff' in group and group.get('adapt', True):
+        return 'lars'
+    return 'sgd'
 
 
 # apex's FusedLAMB (the official `fused_lamb`) clips the global gradient norm to this first

@@ -8,6 +8,7 @@ import torch
 
 from distributed.parallel import is_sharded, is_zero
 from models.weights import load_model_weights
+from optimizer import optimizer_kind
 from utils import CheckpointError
 
 from . import sharded
@@ -34,15 +35,17 @@ def load_model_and_optimizer(model: torch.nn.Module, optimizer: torch.optim.Opti
                                   f"fsdp or ddp, not zero")
         sharded.load_training_state(path, model, optimizer)
     else:
-        _load_file_state(model, optimizer, state, path, settings)
-    for group, own in zip(optimizer.param_groups, settings):
-        group.update(own)
+        _load_file_state(model, optimizer, state, path)
+    for group, own in zip(optimizer.param_groups, settings):  # exactly this run's settings
+        params = group['params']
+        group.clear()
+        group.update(own, params=params)
 
 
-def _load_file_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, path: str,
-                     settings: list[dict]) -> None:
+def _load_file_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, path: str) -> None:
     saved = state['optimizer']
-    if [set(g) - {'params'} for g in saved.get('param_groups', [])] != [set(g) for g in settings]:
+    layout = [(optimizer_kind(g), g.get('name'), len(g['params'])) for g in saved.get('param_groups', [])]
+    if layout != [(optimizer_kind(g), g.get('name'), len(g['params'])) for g in optimizer.param_groups]:
         raise CheckpointError(f"the optimizer state in '{path}' is from another optimizer or parameter "
                               f"grouping than TRAIN.OPTIMIZER / TRAIN.LAYER_DECAY now give")
     if is_sharded(model):  # a ddp run continued as fsdp

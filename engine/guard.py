@@ -12,11 +12,13 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from distributed.parallel import local_optimizer
+from skipping_optimizers import DeviceSkipping
 
 
 def reads_found_inf(optimizer: torch.optim.Optimizer) -> bool:
-    """The optimizer skips its step on the device when its `found_inf` tensor is 1."""
-    return bool(optimizer.defaults.get('fused'))
+    """The optimizer skips its step on the device when its `found_inf` tensor is 1: torch's
+    fused kernels and this project's LAMB, LARS and sharded SGD."""
+    return bool(optimizer.defaults.get('fused')) or isinstance(optimizer, DeviceSkipping)
 
 
 def _parameter_device(optimizer: torch.optim.Optimizer) -> torch.device | None:
@@ -39,9 +41,9 @@ def clip_grad_norm(parameters: list[torch.Tensor], clip: float | None) -> torch.
 
 
 class NonFiniteGuard:
-    """Takes the optimizer step unless the gradient norm is not finite. Kernels that read a
-    `found_inf` flag (torch's fused ones) skip on the device, so no step waits for the GPU;
-    other kernels need the flag on the host. The gradients are all-reduced before the norm,
+    """Takes the optimizer step unless the gradient norm is not finite. Optimizers that read a
+    `found_inf` flag (torch's fused kernels, `skipping_optimizers`) skip on the device, so no
+    step waits for the GPU; any other needs the flag on the host. The gradients are all-reduced before the norm,
     so every rank takes the same decision.
 
     `device`: where the gradients (and so their norm) live: the model's device, or the host

@@ -43,7 +43,7 @@ def test_training_writes_logs_metrics_checkpoints_and_events(trained):
     state = torch.load(trained / 'ckpt_epoch_2.pth', map_location='cpu', weights_only=True)
     assert {'model', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'max_accuracy', 'config', 'ranks'} <= set(state)
     assert state['epoch'] == 2 and isinstance(state['config'], str) and 'BASE_LR' in state['config']
-    assert state['lr_scheduler']['num_updates'] == 3 * 6
+    assert state['lr_scheduler']['num_updates'] == 3 * 6 - 1  # the index the next update uses (official loop)
     best = torch.load(trained / 'best.pth', map_location='cpu', weights_only=True)
     assert best['max_accuracy'] == max(m['acc1'] for m in lines)
 
@@ -70,7 +70,8 @@ def test_accumulation_equals_one_large_batch(cfg_file, tmp_path):
                 '--opts', 'TRAIN.EPOCHS', '1') == 0
     big, acc = (tmp_path / name / 'tiny' / 'default' for name in ('big', 'acc'))
     w_big, w_acc = read_weights(big / 'ckpt_epoch_0.pth'), read_weights(acc / 'ckpt_epoch_0.pth')
-    assert torch.load(acc / 'ckpt_epoch_0.pth', weights_only=True)['lr_scheduler']['num_updates'] == 6
+    # 6 updates; the schedule index of the next one is 5, as in the official loop
+    assert torch.load(acc / 'ckpt_epoch_0.pth', weights_only=True)['lr_scheduler']['num_updates'] == 5
     for key in w_big:
         torch.testing.assert_close(w_acc[key], w_big[key], rtol=1e-4, atol=1e-6)
     (m_big,), (m_acc,) = read_metrics(big), read_metrics(acc)

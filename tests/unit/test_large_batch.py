@@ -1,5 +1,6 @@
-"""Large-batch recipe: LAMB and LARS (timm's, layer-adaptive on weights only), their resume,
-the non-finite guard with them, and the square-root LR scaling LAMB is used with."""
+"""Large-batch recipe: LAMB and LARS (timm's arithmetic, layer-adaptive on weights only),
+their resume, the non-finite guard with them (skipping on the device), and the square-root
+LR scaling LAMB is used with."""
 import io
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from timm.optim import Lamb, Lars
+from timm import optim as timm_optim
 
 import main
 import models
@@ -17,6 +18,7 @@ from helpers.configs import group_of, make_config, with_changes
 from helpers.runs import one_line_error
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from optimizer import build_optimizer
+from skipping_optimizers import Lamb, Lars
 
 
 def _linear(seed: int = 0) -> nn.Linear:
@@ -43,7 +45,7 @@ def _d(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- choice and arguments
 
 @pytest.mark.parametrize('name, cls', [('lamb', Lamb), ('lars', Lars)])
-def test_names_build_timm_classes_with_the_config_values(name, cls):
+def test_names_build_the_classes_with_the_config_values(name, cls):
     cfg = make_config('TRAIN.OPTIMIZER.NAME', name, 'TRAIN.WEIGHT_DECAY', '0.03', 'TRAIN.OPTIMIZER.EPS', '1e-7',
                       'TRAIN.OPTIMIZER.TRUST_COEFF', '0.002', 'TRAIN.OPTIMIZER.MOMENTUM', '0.8')
     opt = build_optimizer(cfg, _linear())
@@ -54,7 +56,7 @@ def test_names_build_timm_classes_with_the_config_values(name, cls):
     assert by_name['decay']['always_adapt'] and not by_name['no_decay']['always_adapt']
     assert all(g['lr_scale'] == 1.0 and g['eps'] == pytest.approx(1e-7) for g in opt.param_groups)
     if name == 'lamb':
-        assert opt.defaults['max_grad_norm'] is None  # the engine clips (TRAIN.CLIP_GRAD)
+        assert 'max_grad_norm' not in opt.defaults  # no internal clip: the engine clips (TRAIN.CLIP_GRAD)
         assert tuple(opt.defaults['betas']) == pytest.approx((0.9, 0.999))
     else:
         assert opt.defaults['trust_coeff'] == pytest.approx(0.002) and opt.defaults['momentum'] == pytest.approx(0.8)
@@ -149,21 +151,76 @@ def test_layer_decay_lr_scale_reaches_the_step(name):
 # ---------------------------------------------------------------- guard and resume state
 
 @pytest.mark.parametrize('name', ['lamb', 'lars'])
-def test_non_finite_guard_skips_the_step(name):
+def test_non_finite_guard_skips_the_step_on_the_device(name, monkeypatch):
     cfg = make_config('TRAIN.OPTIMIZER.NAME', name, 'TRAIN.BASE_LR', '0.1')
     model = _linear()
     opt = build_optimizer(cfg, model)
-    assert not opt.defaults.get('fused')  # so the guard decides on the host
     guard = NonFiniteGuard(torch.device('cpu'), limit=3)
     before = [_d(p) for p in model.parameters()]
     _set_grads(model, 1.0, seed=4)
-    guard.step(opt, None, torch.tensor(float('inf')), update=0)
+    model.weight.grad[0, 0] = float('nan')
+    reads = []
+    monkeypatch.setattr(torch.Tensor, 'item', lambda self: reads.append(self) or 0)
+    guard.step(opt, None, torch.tensor(float('nan')), update=0)
+    monkeypatch.undo()
+    assert not reads  # decided on the device
     assert all(torch.equal(a, _d(p)) for a, p in zip(before, model.parameters()))
-    assert not opt.state and all('step' not in g for g in opt.param_groups)  # no moments, no count
+    for state in opt.state.values():  # moments and counts as before any step
+        assert all(not torch.is_tensor(t) or not t.any() for t in state.values())
     assert int(guard.total) == 1 and int(guard.consecutive) == 1
+    _set_grads(model, 1.0, seed=4)
     guard.step(opt, None, torch.tensor(1.0), update=1)
     assert all(not torch.equal(a, _d(p)) for a, p in zip(before, model.parameters()))
     assert int(guard.total) == 1 and int(guard.consecutive) == 0
+    fresh_model = _linear()
+    fresh = build_optimizer(cfg, fresh_model)
+    _set_grads(fresh_model, 1.0, seed=4)
+    fresh.step()  # the skipped step left nothing behind: as one plain first step
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters()))
+
+
+@pytest.mark.parametrize('name', ['lamb', 'lars', 'sgd'])
+def test_same_steps_as_timm_and_torch(name):
+    """Five steps against timm's Lamb (no internal clip) / Lars, and torch's SGD for the
+    sharded-SGD form, on a decay and a no-decay group."""
+    model, reference_model = _linear(), _linear()
+    groups = lambda m: [{'params': [m.weight], 'weight_decay': 0.05, 'always_adapt': True},  # noqa: E731
+                        {'params': [m.bias], 'weight_decay': 0.0, 'always_adapt': False}]
+    if name == 'lamb':
+        ours, theirs = Lamb(groups(model), lr=0.01), timm_optim.Lamb(groups(reference_model), lr=0.01,
+                                                                    max_grad_norm=None)
+    elif name == 'lars':
+        ours = Lars(groups(model), lr=0.5, momentum=0.9, nesterov=True)
+        theirs = timm_optim.Lars(groups(reference_model), lr=0.5, momentum=0.9, nesterov=True)
+    else:
+        ours = Lars(groups(model), lr=0.5, momentum=0.9, nesterov=True, adapt=False)
+        theirs = torch.optim.SGD(groups(reference_model), lr=0.5, momentum=0.9, nesterov=True)
+    for step in range(5):
+        for m, o in ((model, ours), (reference_model, theirs)):
+            _set_grads(m, 1.0 + step, seed=50 + step)
+            o.step()
+        for a, b in zip(model.parameters(), reference_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lamb_resumes_a_state_with_plain_step_counts():
+    """Checkpoints written before the counts became tensors hold numbers."""
+    cfg = make_config('TRAIN.OPTIMIZER.NAME', 'lamb', 'TRAIN.BASE_LR', '0.01')
+    model, opt = _lamb_after_two_steps()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)  # as in a checkpoint: no tensor shared with `opt`
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    for state in saved['state'].values():
+        state['step'] = int(state['step'])
+    twin = _linear()
+    twin.load_state_dict(model.state_dict())
+    restored = build_optimizer(cfg, twin)
+    restored.load_state_dict(saved)
+    for m, o in ((model, opt), (twin, restored)):
+        _set_grads(m, 1.0, seed=31)
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
 
 
 def _lamb_after_two_steps():
@@ -259,3 +316,22 @@ def test_bad_lars_settings_are_config_errors(cfg_file, tmp_path, capsys):
     cfg = make_config('TRAIN.OPTIMIZER.NAME', 'lars', 'TRAIN.OPTIMIZER.MOMENTUM', '0')
     with pytest.raises(ConfigError, match='NESTEROV'):  # timm would raise a bare ValueError
         build_optimizer(cfg, _linear())
+
+
+def test_optimizer_kind_is_the_update_rule_not_the_class():
+    """A resume compares update rules: torch's SGD and sharded SGD (Lars without adaptation)
+    are one; timm's LAMB / LARS groups of earlier checkpoints are ours."""
+    from optimizer import optimizer_kind
+    params = lambda: [nn.Parameter(torch.zeros(2))]  # noqa: E731
+    kinds = {
+        'torch sgd': torch.optim.SGD(params(), lr=0.1, momentum=0.9),
+        'sharded sgd': Lars(params(), lr=0.1, adapt=False),
+        'lars': Lars(params(), lr=0.1),
+        'timm lars': timm_optim.Lars(params(), lr=0.1),
+        'lamb': Lamb(params()),
+        'timm lamb': timm_optim.Lamb(params()),
+        'adamw': torch.optim.AdamW(params()),
+    }
+    got = {name: optimizer_kind(opt.param_groups[0]) for name, opt in kinds.items()}
+    assert got == {'torch sgd': 'sgd', 'sharded sgd': 'sgd', 'lars': 'lars', 'timm lars': 'lars', 'lamb': 'lamb',
+                   'timm lamb': 'lamb', 'adamw': 'adamw'}

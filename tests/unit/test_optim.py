@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from timm.optim import Lamb
 from timm.scheduler.cosine_lr import CosineLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from timm.scheduler.step_lr import StepLRScheduler
@@ -18,6 +17,7 @@ from config import ConfigError
 from helpers.configs import DEMO, group_of, make_config, with_changes
 from lr_scheduler import LRScheduler, build_scheduler, scaled_learning_rates, schedule_position
 from optimizer import build_optimizer, describe_param_groups, gradient_clip, swin_layer_id
+from skipping_optimizers import Lamb
 
 N_ITER = 7  # optimizer updates per epoch in the schedule tests
 
