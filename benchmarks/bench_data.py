@@ -18,7 +18,7 @@ both sides; at 500x375 that never happens (neither for train crops nor for val's
 Point --images at larger photos to see its effect.
 
 Two kinds of rows per split:
-- loader, W workers: after 2 warm-up batches (which also cover the worker start) N batches are
+- loader, W workers: after --warmup-batches (2; they also cover the worker start) N batches are
   timed; the workers are shut down after each run so that no pipeline prefetches while the
   other is timed. images/s per core = images/s / W (the main process only consumes).
 - per-core (no loader): `dataset[i]` called in this process with one torch thread, i.e. the
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -72,6 +73,7 @@ GOALS = {'train': 2.0, 'val': 1.5}  # ours / baseline images/s per core, loader 
 MARKER = '.bench_data_images.json'  # written into a cache folder this script made
 PHOTOS = ('china.jpg', 'flower.jpg')
 SHAPES = ((500, 375), (500, 375), (375, 500))  # (width, height): 2/3 landscape, 1/3 portrait
+_PHOTOS: list[Image.Image] = []  # the two photos, loaded once (and inherited by forked writers)
 
 
 def fail(message: str) -> NoReturn:
@@ -106,33 +108,58 @@ def _crop_box(rng: random.Random, width: int, height: int, aspect: float) -> tup
 
 
 def _photos() -> list[Image.Image]:
-    try:
-        import sklearn.datasets
-    except ImportError:
-        fail('the benchmark images are made from scikit-learn\'s sample photos; pip install scikit-learn')
-    folder = os.path.join(os.path.dirname(sklearn.datasets.__file__), 'images')
-    photos = []
-    for name in PHOTOS:
-        with Image.open(os.path.join(folder, name)) as img:
-            photos.append(img.convert('RGB'))
-    return photos
+    if not _PHOTOS:
+        try:
+            import sklearn.datasets
+        except ImportError:
+            fail('the benchmark images are made from scikit-learn\'s sample photos; pip install scikit-learn')
+        folder = os.path.join(os.path.dirname(sklearn.datasets.__file__), 'images')
+        for name in PHOTOS:
+            with Image.open(os.path.join(folder, name)) as img:
+                _PHOTOS.append(img.convert('RGB'))
+    return _PHOTOS
+
+
+def _plan_images(root: str, counts: dict[str, int], classes: int) -> list[tuple]:
+    """(photo, size, box, flip, path) of every image, drawn in one seeded order, so the images
+    are the same however many processes write them."""
+    photos = _photos()
+    rng = random.Random(0)
+    jobs = []
+    for split in SPLITS:
+        for i in range(counts[split]):
+            p = rng.randrange(len(photos))  # what rng.choice(photos) draws
+            size = rng.choice(SHAPES)
+            box = _crop_box(rng, photos[p].width, photos[p].height, size[0] / size[1])
+            flip = rng.random() < 0.5
+            path = os.path.join(root, split, f'class_{i % classes:02d}', f'{split}_{i:05d}.jpg')
+            jobs.append((p, size, box, flip, path))
+    return jobs
+
+
+def _write_image(job: tuple) -> None:
+    p, size, box, flip, path = job
+    img = _photos()[p].resize(size, Image.Resampling.BICUBIC, box=box)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    img.save(path, quality=90)
 
 
 def make_images(root: str, counts: dict[str, int], classes: int) -> None:
-    """ImageFolder tree root/{train,val}/<class>/*.jpg of random crops of the two photos."""
-    photos = _photos()
-    rng = random.Random(0)
+    """ImageFolder tree root/{train,val}/<class>/*.jpg of random crops of the two photos,
+    written by one process per core when there are many (a few thousand take a minute alone)."""
+    jobs = _plan_images(root, counts, classes)
     for split in SPLITS:
         for c in range(classes):
             os.makedirs(os.path.join(root, split, f'class_{c:02d}'), exist_ok=True)
-        for i in range(counts[split]):
-            photo = rng.choice(photos)
-            size = rng.choice(SHAPES)
-            box = _crop_box(rng, photo.width, photo.height, size[0] / size[1])
-            img = photo.resize(size, Image.Resampling.BICUBIC, box=box)
-            if rng.random() < 0.5:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            img.save(os.path.join(root, split, f'class_{i % classes:02d}', f'{split}_{i:05d}.jpg'), quality=90)
+    processes = min(os.cpu_count() or 1, len(jobs) // 256)
+    if processes < 2 or 'fork' not in multiprocessing.get_all_start_methods():
+        for job in jobs:
+            _write_image(job)
+        return
+    with multiprocessing.get_context('fork').Pool(processes) as pool:  # forked: the photos are loaded
+        for _ in pool.imap_unordered(_write_image, jobs, chunksize=32):
+            pass
 
 
 def prepare_images(root: str, counts: dict[str, int], classes: int, batch_size: int) -> str:
@@ -307,7 +334,8 @@ def measure(args, root: str, variants: list[str], items: dict[str, dict]) -> tup
         print(f'round {r + 1}/{args.rounds}: {" / ".join(order)}', flush=True)
         for split in SPLITS:
             for v in order:
-                seconds, batch = time_loader(loader_factory(v, root, split, args)(), 2, args.batches)
+                seconds, batch = time_loader(loader_factory(v, root, split, args)(), args.warmup_batches,
+                                             args.batches)
                 if split == 'train' and v != BASELINE and (our_batch is None or v == OURS):
                     our_batch = batch  # for the device-step timing; plain decode preferred
                 images[('loader', split, v)].append(n_loader / seconds)
@@ -415,7 +443,10 @@ def main() -> None:
     p.add_argument('--workers', type=int, default=1,
                    help='loader workers (each a core); the main process only consumes')
     p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--batches', type=int, default=8, help='timed batches per loader run, after 2 warm-up ones')
+    p.add_argument('--batches', type=int, default=8, help='timed batches per loader run, after the warm-up ones')
+    p.add_argument('--warmup-batches', type=int, default=2,
+                   help='untimed batches first; with many workers use at least --workers, or the timed batches '
+                        'include the first wave the workers made together')
     p.add_argument('--rounds', type=int, default=3, help='alternating rounds; the median is reported')
     p.add_argument('--per-core-images', type=int, default=200, help='dataset[i] calls timed per per-core run')
     p.add_argument('--reduced-decode', choices=['both', 'off', 'only'], default='off',
@@ -428,6 +459,8 @@ def main() -> None:
                  'per_core_images'):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup_batches < 0:
+        fail(f'--warmup-batches must be >= 0, got {args.warmup_batches}')
 
     variants = ([] if args.no_baseline else [BASELINE]) + {
         'both': [OURS, OURS_RD], 'off': [OURS], 'only': [OURS_RD]}[args.reduced_decode]
@@ -450,7 +483,7 @@ def main() -> None:
            'cuda': torch.cuda.get_device_name() if torch.cuda.is_available() else None,
            }
     settings = {'images': root, 'images_status': done, 'image_counts': counts, 'workers': args.workers,
-                'batch_size': args.batch_size, 'batches': args.batches, 'warmup_batches': 2,
+                'batch_size': args.batch_size, 'batches': args.batches, 'warmup_batches': args.warmup_batches,
                 'rounds': args.rounds, 'per_core_images': args.per_core_images, 'variants': variants}
     print(json.dumps({**env, **{k: v for k, v in settings.items() if k != 'variants'}}))
 

@@ -27,7 +27,8 @@ CUDA, torch.cuda.max_memory_allocated during setup + warmup minus what was alloc
 the model was built; CPU, growth of the resident set (/proc/self/statm) over setup + warmup,
 models built in turn (ours first), so memory the allocator kept from the first may be reused
 by the second. On CUDA each mode is measured again at each model's largest batch (doubling
-from --batch-size until out of memory).
+from --batch-size until out of memory; --max-only: only there). The JSON is rewritten after
+every row, so a run stopped by a time limit keeps the rows it finished.
 
 --end-to-end DIR runs our loader (`data.build_loader`, --workers processes) and the full
 step instead: images/s and the share of step time spent blocked in next(loader). DIR is an
@@ -40,6 +41,8 @@ can overlap device work, so a high share there says the host, not necessarily th
     python benchmarks/bench_train.py                                    # Swin-T 224, eager fp32 + bf16
     python benchmarks/bench_train.py --modes eager_fp32,eager_bf16 --rounds 5 --steps 1 --warmup 2
     python benchmarks/bench_train.py --device cuda --modes eager_bf16,compile_bf16 --peak-tflops 990
+    python benchmarks/bench_train.py --device cuda --arch base --modes compile_bf16 --max-only \
+        --max-batch-from bench_results/base_eager.json                  # reuse an eager run's largest batch
     python benchmarks/bench_train.py --end-to-end /tmp/jpegs --img-size 64 --window 4 --workers 2
 """
 from __future__ import annotations
@@ -391,6 +394,41 @@ def largest_batch(args, impl: str, mode: str, device: torch.device) -> int | Non
     return best
 
 
+def known_max_batches(path: str | None) -> dict[str, dict]:
+    """{'bf16' | 'fp32': {'ours': N, 'timm': M}} from the largest-batch rows of an earlier run's JSON."""
+    if not path:
+        return {}
+    with open(path) as f:
+        rows = json.load(f)['results']
+    return {r['mode'].split('_')[1]: {impl: r[impl]['batch'] for impl in ('ours', 'timm')}
+            for r in rows if r['batch_kind'] == 'max'}
+
+
+def max_batch_row(args, mode: str, device: torch.device, known: dict[str, dict]) -> dict | None:
+    """The row at each model's largest batch: searched, or taken from `known` (same precision).
+    With --reuse-max-batch the batch measured here is kept for the next mode of the same
+    precision: each try of a search in a compiled mode compiles again (a minute or more)."""
+    dtype = mode.split('_')[1]
+    best = known.get(dtype) or {impl: largest_batch(args, impl, mode, device) for impl in ('ours', 'timm')}
+    if None in best.values():
+        print(f'  {mode}: --batch-size {args.batch_size} does not fit; no largest-batch row')
+        return None
+    for _ in range(3):  # both models stay resident while alternating: back off if that is too much
+        try:
+            row = measure_mode(args, mode, device, best, 'max')
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            free_memory(device)
+            best = {k: max(8, v * 3 // 4 // 8 * 8) for k, v in best.items()}
+            print(f'  {mode}: out of memory with both models resident; retrying at {best}')
+            continue
+        if args.reuse_max_batch:
+            known[dtype] = best
+        return row
+    return None
+
+
 def end_to_end(args, mode: str, device: torch.device) -> dict:
     """Our real loader + our training step: images/s and the share of time blocked on data."""
     root = os.path.abspath(args.end_to_end)
@@ -456,6 +494,14 @@ def print_e2e(rows: list[dict]) -> None:
               f"{r['step_s'] * 1e3:8.1f} {100 * r['data_wait_fraction']:8.1f}% {fmt_mfu(r['mfu']):>7s}")
 
 
+def write_json(path: str, payload: dict) -> None:
+    """Written after every row, so a run stopped by a time limit keeps the rows it finished."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(payload, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', choices=sorted(DEFAULT_SIZES), default='v1', help='Swin V1 or V2')
@@ -466,6 +512,13 @@ def main() -> None:
     p.add_argument('--batch-size', type=int, default=None, help='default: 8 on CPU, 128 on CUDA')
     p.add_argument('--max-batch', type=int, default=8192, help='upper end of the CUDA largest-batch search')
     p.add_argument('--no-max-batch', action='store_true', help='skip the CUDA largest-batch rows')
+    p.add_argument('--max-only', action='store_true', help='CUDA: only the largest-batch rows (none at --batch-size)')
+    p.add_argument('--reuse-max-batch', action='store_true',
+                   help='CUDA: search the largest batch once per precision and reuse it for the other modes '
+                        '(a compiled mode compiles again at every try of the search)')
+    p.add_argument('--max-batch-from', default=None, metavar='JSON',
+                   help="CUDA: take each model's largest batch from an earlier run's JSON (its largest-batch row "
+                        'of the same precision) instead of searching')
     p.add_argument('--modes', default=None, help=f'comma-separated from {", ".join(MODES)}; '
                                                  'default: eager_fp32,eager_bf16 (CPU), all four (CUDA)')
     p.add_argument('--rounds', type=int, default=5, help='alternating rounds; the median is reported')
@@ -514,29 +567,28 @@ def main() -> None:
     print(json.dumps(env), flush=True)
 
     results, e2e = [], []
+
+    def save() -> None:
+        write_json(args.json, {'env': env, 'results': results, 'end_to_end': e2e})
+
     if args.end_to_end:
         for mode in args.modes:
             e2e.append(end_to_end(args, mode, device))
+            save()
     else:
-        for mode in args.modes:
-            results.append(measure_mode(args, mode, device, {'ours': args.batch_size, 'timm': args.batch_size},
-                                        'given'))
-        if device.type == 'cuda' and not args.no_max_batch:
+        largest = device.type == 'cuda' and not args.no_max_batch
+        if not (largest and args.max_only):
             for mode in args.modes:
-                best = {impl: largest_batch(args, impl, mode, device) for impl in ('ours', 'timm')}
-                if None in best.values():
-                    print(f'  {mode}: --batch-size {args.batch_size} does not fit; no largest-batch row')
-                    continue
-                for _ in range(3):  # both models stay resident while alternating: back off if that is too much
-                    try:
-                        results.append(measure_mode(args, mode, device, best, 'max'))
-                        break
-                    except Exception as e:
-                        if not is_oom(e):
-                            raise
-                        free_memory(device)
-                        best = {k: max(8, v * 3 // 4 // 8 * 8) for k, v in best.items()}
-                        print(f'  {mode}: out of memory with both models resident; retrying at {best}')
+                results.append(measure_mode(args, mode, device, {'ours': args.batch_size, 'timm': args.batch_size},
+                                            'given'))
+                save()
+        if largest:
+            known = known_max_batches(args.max_batch_from)
+            for mode in args.modes:
+                row = max_batch_row(args, mode, device, known)
+                if row is not None:
+                    results.append(row)
+                    save()
     env['ru_maxrss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print()
     if results:
@@ -545,9 +597,7 @@ def main() -> None:
             print('MFU n/a: pass --peak-tflops (the device peak in TFLOP/s) to get it')
     if e2e:
         print_e2e(e2e)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
-        json.dump({'env': env, 'results': results, 'end_to_end': e2e}, f, indent=1)
+    save()
     print(f'wrote {args.json}')
 
 
