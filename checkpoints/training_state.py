@@ -44,8 +44,9 @@ def load_model_and_optimizer(model: torch.nn.Module, optimizer: torch.optim.Opti
 
 def _load_file_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, path: str) -> None:
     saved = state['optimizer']
-    layout = [(optimizer_kind(g), g.get('name'), len(g['params'])) for g in saved.get('param_groups', [])]
-    if layout != [(optimizer_kind(g), g.get('name'), len(g['params'])) for g in optimizer.param_groups]:
+    # the update rule and grouping; sizes are the weights' check, whose message names the keys
+    layout = [(optimizer_kind(g), g.get('name')) for g in saved.get('param_groups', [])]
+    if layout != [(optimizer_kind(g), g.get('name')) for g in optimizer.param_groups]:
         raise CheckpointError(f"the optimizer state in '{path}' is from another optimizer or parameter "
                               f"grouping than TRAIN.OPTIMIZER / TRAIN.LAYER_DECAY now give")
     if is_sharded(model):  # a ddp run continued as fsdp

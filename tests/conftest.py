@@ -1,5 +1,5 @@
-"""Shared by every test: the import paths, the `unit` / `integration` markers (from the
-folder a test lives in), a fixed seed, and the tiny training setup of the run tests."""
+"""Shared by every test: the import paths, the `unit` / `integration` / `cuda` markers (from
+the folder a test lives in), a fixed seed, and the tiny training setup of the run tests."""
 import os
 import sys
 
@@ -19,7 +19,7 @@ from helpers.runs import TINY, write_color_folder  # noqa: E402
 def pytest_collection_modifyitems(config, items):
     for item in items:
         kind = os.path.basename(os.path.dirname(str(item.fspath)))
-        if kind in ('unit', 'integration'):
+        if kind in ('unit', 'integration', 'cuda'):  # tests/cuda skips itself without a GPU (its conftest)
             item.add_marker(getattr(pytest.mark, kind))
 
 
