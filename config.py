@@ -31,7 +31,9 @@ _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128
 # Path to dataset
 _C.DATA.DATA_PATH = ''
-# Dataset name
+# Dataset name: imagenet (class folders, or ZIP_MODE), imagenet22k (the official list layout),
+# synthetic, wds (WebDataset shards train-*.tar / val-*.tar), hf (a Hugging Face DatasetDict
+# saved with save_to_disk, or imagenet-1k parquet files)
 _C.DATA.DATASET = 'imagenet'
 # Input image size
 _C.DATA.IMG_SIZE = 224
@@ -294,7 +296,7 @@ LR_SCALINGS = ('linear', 'sqrt', 'none')
 PARALLELS = ('ddp', 'zero', 'fsdp')
 REDUCE_DTYPES = ('amp', 'fp32', 'bf16')
 PREPARED_DATASETS = ('', 'digits')
-DATASETS = ('imagenet', 'imagenet22k', 'synthetic')
+DATASETS = ('imagenet', 'imagenet22k', 'synthetic', 'wds', 'hf')
 INTERPOLATIONS = ('bicubic', 'bilinear', 'random', 'nearest', 'lanczos', 'hamming', 'box')
 MIXUP_MODES = ('batch', 'pair', 'elem')
 ERASE_MODES = ('const', 'rand', 'pixel')

@@ -34,6 +34,12 @@ def build_source(config, split: str) -> Source:
         raise DataError(f"DATA.DATA_PATH '{root}' does not exist" if not os.path.exists(root)
                         else f"DATA.DATA_PATH '{root}' is not a directory")
     dataset = config.DATA.DATASET.lower()
+    if dataset == 'wds':
+        from .shards import ShardSource
+        return ShardSource(root, split)
+    if dataset == 'hf':  # imported here: the datasets library takes seconds to import
+        from .hf_source import HFSource
+        return HFSource(root, split)
     if dataset == 'imagenet22k':
         return ListSource(root, os.path.join(root, f'{IN22K_PREFIX}_map_{split}.txt'))
     if config.DATA.ZIP_MODE:
@@ -93,8 +99,8 @@ def _loader(dataset, sampler, config, is_train: bool, rank: int) -> DataLoader:
 def _check_same_classes(dataset_train, dataset_val) -> None:
     classes = [d.source.classes for d in (dataset_train, dataset_val) if d is not None]
     if len(classes) == 2 and classes[0] is not None and classes[0] != classes[1]:
-        only = sorted(set(classes[0]) ^ set(classes[1]))
-        raise DataError(f"train/ and val/ have different class folders (for example '{only[0]}'); "
+        only = sorted(set(classes[0]) ^ set(classes[1])) or ['the same names in another order']
+        raise DataError(f"the train and val splits have different classes (for example '{only[0]}'); "
                         f"labels would not match")
 
 

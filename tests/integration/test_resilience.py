@@ -221,7 +221,7 @@ BAD_INPUTS = [  # (name, arguments after --cfg CFG, words the line must hold)
     ('missing data path', ['--data-path', '{root}/nowhere'], 'does not exist'),
     ('missing split', ['--data-path', '{root}/no_val'], 'val'),
     ('empty dataset', ['--data-path', '{root}/empty'], 'class'),
-    ('class mismatch', ['--data-path', '{root}/mismatch'], 'different class folders'),
+    ('class mismatch', ['--data-path', '{root}/mismatch'], 'different classes'),
     ('missing checkpoint', ['--resume', '{root}/nope.pth'], 'does not exist'),
     ('corrupt checkpoint', ['--resume', '{torn}'], 'cannot read checkpoint'),
     ('another architecture', ['--resume', '{good}', '--opts', 'MODEL.SWIN.DEPTHS', '[2,3]'], 'layers.1.blocks.2'),

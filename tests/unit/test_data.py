@@ -459,7 +459,7 @@ def test_train_and_val_classes_must_agree(data_root, tmp_path):
     os.symlink(os.path.join(data_root, 'train'), tmp_path / 'train')
     os.makedirs(tmp_path / 'val')
     os.symlink(os.path.join(data_root, 'val', 'a_cls'), tmp_path / 'val' / 'a_cls')
-    _one_line_error(_config(str(tmp_path)), 'different class folders')
+    _one_line_error(_config(str(tmp_path)), 'different classes')
 
 
 def test_zero_bit_posterize_gives_black_instead_of_an_error(data_root):

@@ -1,0 +1,204 @@
+"""WebDataset shards (`DATA.DATASET wds`): uncompressed tar files whose samples are groups
+of members sharing a key (`<key>.jpg`, `<key>.cls`, ...), read by index.
+
+The shards are indexed once at start (headers only: the tar headers are walked with seeks,
+the image data is never read), and an image is then one positioned read from its shard.
+So a shard dataset is a `Source` like a folder or a zip: the same samplers (a fresh
+permutation of the whole split each epoch, every rank the same number of steps, every
+validation image scored once at any world size), the same per-sample augmentation seeds
+and an exact resume in the middle of an epoch, without a shuffle buffer.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from utils import DataError
+
+from .sources import SampleTable, Source
+
+IMAGE_KEYS = ('jpg', 'jpeg', 'png', 'webp')  # the member extensions that hold the image
+CLASSES_FILE = 'classes.txt'  # class names in label order, one per line (tools/make_shards.py)
+_BLOCK = 512
+_INDEX_THREADS = 8  # header reads are I/O and release the GIL
+
+
+class _Entry:
+    """One sample while a shard is walked: where its image is and its label."""
+    __slots__ = ('key', 'offset', 'size', 'label')
+
+    def __init__(self, key: str):
+        self.key, self.offset, self.size, self.label = key, -1, 0, None
+
+
+def _octal(field: bytes, path: str, at: int) -> int:
+    text = field.rstrip(b'\0 ').strip()
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes of 8 GB and more
+        return int.from_bytes(field[1:], 'big')
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise DataError(f"'{path}' is not a readable tar file (bad header at byte {at})") from None
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header ('<len> path=<value>\\n' records)."""
+    pos = 0
+    while pos < len(data):
+        space = data.find(b' ', pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b'=')
+        if key == b'path':
+            return value.decode('utf-8', 'surrogateescape')
+        pos += length
+    return None
+
+
+def _members(path: str, f, file_size: int):
+    """(name, data offset, size) of the regular files in a tar, from its headers alone."""
+    at, long_name = 0, None
+    while at + _BLOCK <= file_size:
+        header = os.pread(f.fileno(), _BLOCK, at)
+        if header == b'\0' * _BLOCK:
+            return  # end-of-archive marker
+        if len(header) < _BLOCK or header[257:262] not in (b'ustar', b'\0\0\0\0\0'):
+            raise DataError(f"'{path}' is not a readable tar file (bad header at byte {at}; "
+                            f"shards must be uncompressed .tar)")
+        size, kind = _octal(header[124:136], path, at), header[156:157]
+        data_at = at + _BLOCK
+        if data_at + size > file_size:
+            raise DataError(f"'{path}' is truncated (a member at byte {at} ends past the end of the file)")
+        if kind in (b'L', b'x'):  # GNU long name / pax header: applies to the next member
+            data = os.pread(f.fileno(), size, data_at)
+            long_name = data.rstrip(b'\0').decode('utf-8', 'surrogateescape') if kind == b'L' else _pax_path(data)
+        elif kind in (b'0', b'\0', b'7'):
+            name = long_name or _header_name(header)
+            long_name = None
+            yield name, data_at, size
+        else:
+            long_name = None  # directories, links and global headers carry no sample data
+        at = data_at + -(-size // _BLOCK) * _BLOCK
+    if at < file_size or file_size == 0:
+        raise DataError(f"'{path}' is truncated (it ends inside a tar header)" if file_size
+                        else f"'{path}' is empty")
+
+
+def _header_name(header: bytes) -> str:
+    name = header[0:100].rstrip(b'\0')
+    prefix = header[345:500].rstrip(b'\0') if header[257:262] == b'ustar' else b''
+    return (prefix + b'/' + name if prefix else name).decode('utf-8', 'surrogateescape')
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key is the path up to the first dot of the file name."""
+    folder, base = os.path.split(name)
+    stem, _, ext = base.partition('.')
+    return os.path.join(folder, stem) if folder else stem, ext.lower()
+
+
+def _label(text: bytes, path: str, key: str) -> int:
+    try:
+        label = int(text.strip())
+    except ValueError:
+        raise DataError(f"'{path}': sample '{key}' has a cls that is not a class index ({text[:20]!r})") from None
+    if label < 0:
+        raise DataError(f"'{path}': sample '{key}' has a negative class index {label}")
+    return label
+
+
+def index_shard(path: str) -> list[tuple[str, int, int, int]]:
+    """(key, image offset, image size, label) of every sample in one shard, in tar order."""
+    samples: list[tuple[str, int, int, int]] = []
+    try:
+        f = open(path, 'rb')
+    except OSError as e:
+        raise DataError(f"cannot read shard '{path}' ({e.strerror})") from None
+    with f:
+        entry = None
+        for name, offset, size in _members(path, f, os.fstat(f.fileno()).st_size):
+            key, ext = _split_key(name)
+            if entry is None or key != entry.key:
+                _finish(entry, path, samples)
+                entry = _Entry(key)
+            if ext in IMAGE_KEYS and entry.offset < 0:
+                entry.offset, entry.size = offset, size
+            elif ext == 'cls':
+                entry.label = _label(os.pread(f.fileno(), size, offset), path, key)
+        _finish(entry, path, samples)
+    if not samples:
+        raise DataError(f"shard '{path}' holds no samples")
+    return samples
+
+
+def _finish(entry: _Entry | None, path: str, samples: list) -> None:
+    if entry is None:
+        return
+    if entry.offset < 0:
+        raise DataError(f"'{path}': sample '{entry.key}' has no image (expected one of "
+                        f"{', '.join('.' + k for k in IMAGE_KEYS)})")
+    if entry.label is None:
+        raise DataError(f"'{path}': sample '{entry.key}' has no class index (.cls)")
+    samples.append((entry.key, entry.offset, entry.size, entry.label))
+
+
+def shard_paths(root: str, split: str) -> list[str]:
+    """`<root>/<split>-*.tar` in name order (also `val` as `validation`)."""
+    names = (split, 'validation') if split == 'val' else (split,)
+    for name in names:
+        paths = sorted(glob.glob(os.path.join(glob.escape(root), f'{name}-*.tar')))
+        if paths:
+            return paths
+    raise DataError(f"no shards '{os.path.join(root, split + '-*.tar')}' in DATA.DATA_PATH "
+                    f"(write them with tools/make_shards.py)")
+
+
+def read_classes(root: str) -> list[str] | None:
+    path = os.path.join(root, CLASSES_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding='utf-8') as f:
+        return [line.rstrip('\n') for line in f if line.strip()]
+
+
+class ShardSource(Source):
+    """The samples of `<root>/<split>-*.tar`, shard by shard in tar order. Labels are the
+    samples' `cls`; class names come from `classes.txt` beside the shards when present."""
+
+    def __init__(self, root: str, split: str):
+        self.paths = shard_paths(root, split)
+        with ThreadPoolExecutor(max_workers=_INDEX_THREADS) as pool:
+            per_shard = list(pool.map(index_shard, self.paths))
+        self.shard = np.concatenate([np.full(len(s), i, dtype=np.int32) for i, s in enumerate(per_shard)])
+        self.offsets = np.fromiter((o for s in per_shard for _, o, _, _ in s), dtype=np.int64, count=len(self.shard))
+        self.sizes = np.fromiter((n for s in per_shard for _, _, n, _ in s), dtype=np.int64, count=len(self.shard))
+        self.samples = SampleTable((key, label) for s in per_shard for key, _, _, label in s)
+        self.classes = read_classes(root)
+        self.num_classes = len(self.classes) if self.classes else int(self.samples.labels.max()) + 1
+        if self.classes and self.samples.labels.max() >= len(self.classes):
+            where = int(np.argmax(self.samples.labels))
+            raise DataError(f"{self.describe(where)} has class index {self.samples.labels[where]}, outside the "
+                            f"{len(self.classes)} classes of '{os.path.join(root, CLASSES_FILE)}'")
+        self._files: dict[int, int] = {}
+        self._pid = -1
+
+    def read(self, index: int) -> bytes:
+        if self._pid != os.getpid():  # descriptors are per process (forked loader workers)
+            self._files, self._pid = {}, os.getpid()
+        shard = int(self.shard[index])
+        fd = self._files.get(shard)
+        if fd is None:
+            fd = self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return os.pread(fd, int(self.sizes[index]), int(self.offsets[index]))
+
+    def describe(self, index: int) -> str:
+        return f'{self.paths[int(self.shard[index])]}:{self.samples.name(index)}'
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state['_files'], state['_pid'] = {}, -1
+        return state
