@@ -57,6 +57,14 @@ _C.DATA.REDUCED_DECODE = False
 _C.DATA.MAX_CORRUPT_FRACTION = 0.001
 # [New] Images in the train and val splits of DATA.DATASET 'synthetic'
 _C.DATA.SYNTHETIC_LENGTH = [12800, 2560]
+# [New] DATA.DATASET wds: the training / validation shards as a brace pattern of local paths
+# or of URLs WebDataset's gopen opens (pipe:, http(s)://, ...); empty: DATA_PATH/train-*.tar
+# and DATA_PATH/val-*.tar
+_C.DATA.WDS_TRAIN = ''
+_C.DATA.WDS_VAL = ''
+# [New] The local folder that shards given as URLs are copied into once; empty:
+# ~/.cache/swin-shards
+_C.DATA.WDS_CACHE = ''
 # [New] A built-in dataset written to DATA.DATA_PATH as an image folder when that path does
 # not exist yet: '' (none) or 'digits' (scikit-learn's handwritten digits, for the demo)
 _C.DATA.PREPARE = ''

@@ -28,15 +28,16 @@ def _rank_and_world() -> tuple[int, int]:
 def build_source(config, split: str) -> Source:
     """The encoded-image source of `split` ('train' or 'val') for DATA.DATASET."""
     root = config.DATA.DATA_PATH
+    dataset = config.DATA.DATASET.lower()
+    if dataset == 'wds':  # shards may be given by pattern or URL, without DATA_PATH
+        from .shards import ShardSource, split_shards
+        paths = split_shards(config, split)
+        return ShardSource(paths, root if root and os.path.isdir(root) else os.path.dirname(paths[0]))
     if not root:
         raise DataError('DATA.DATA_PATH is empty; pass --data-path /path/to/dataset')
     if not os.path.isdir(root):
         raise DataError(f"DATA.DATA_PATH '{root}' does not exist" if not os.path.exists(root)
                         else f"DATA.DATA_PATH '{root}' is not a directory")
-    dataset = config.DATA.DATASET.lower()
-    if dataset == 'wds':
-        from .shards import ShardSource
-        return ShardSource(root, split)
     if dataset == 'hf':  # imported here: the datasets library takes seconds to import
         from .hf_source import HFSource
         return HFSource(root, split)

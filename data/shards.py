@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -148,6 +149,11 @@ def _finish(entry: _Entry | None, path: str, samples: list) -> None:
 
 def shard_paths(root: str, split: str) -> list[str]:
     """`<root>/<split>-*.tar` in name order (also `val` as `validation`)."""
+    if not root:
+        raise DataError(f'DATA.DATA_PATH is empty; pass --data-path DIR (a folder of {split}-*.tar shards) '
+                        f'or set DATA.WDS_{split.upper()}')
+    if not os.path.isdir(root):
+        raise DataError(f"DATA.DATA_PATH '{root}' is not a directory of shards")
     names = (split, 'validation') if split == 'val' else (split,)
     for name in names:
         paths = sorted(glob.glob(os.path.join(glob.escape(root), f'{name}-*.tar')))
@@ -155,6 +161,69 @@ def shard_paths(root: str, split: str) -> list[str]:
             return paths
     raise DataError(f"no shards '{os.path.join(root, split + '-*.tar')}' in DATA.DATA_PATH "
                     f"(write them with tools/make_shards.py)")
+
+
+def is_url(spec: str) -> bool:
+    return spec.startswith('pipe:') or '://' in spec
+
+
+def expand_shards(pattern: str, cache: str) -> list[str]:
+    """The local files of a brace pattern (`train-{000000..000146}.tar`): local paths as
+    they are, URLs copied into `cache` once (fetch_shards)."""
+    from braceexpand import braceexpand  # installed with webdataset
+    specs = list(braceexpand(pattern))
+    urls = [s for s in specs if is_url(s)]
+    local = {s: s for s in specs if not is_url(s)}
+    missing = [p for p in local if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"shard '{missing[0]}' of '{pattern}' does not exist")
+    local.update(fetch_shards(urls, cache))
+    return [local[s] for s in specs]
+
+
+def fetch_shards(urls: list[str], cache: str) -> dict[str, str]:
+    """{url: local copy} for shards opened with WebDataset's gopen. A copy is written under a
+    temporary name and renamed into place, so a crash never leaves a torn shard and a copy
+    that exists is complete; each process starts at a different shard (by pid) so the ranks
+    of a node sharing `cache` mostly fetch different ones."""
+    copies = {url: os.path.join(cache, _cache_name(url)) for url in urls}
+    if urls:
+        os.makedirs(cache, exist_ok=True)
+    start = os.getpid() % max(len(urls), 1)
+    for url in urls[start:] + urls[:start]:
+        if not os.path.isfile(copies[url]):
+            _fetch(url, copies[url])
+    return copies
+
+
+def _cache_name(url: str) -> str:
+    import hashlib
+    base = os.path.basename(url.split()[-1].rstrip('/')) or 'shard.tar'
+    return f'{hashlib.sha1(url.encode()).hexdigest()[:16]}-{base}'
+
+
+def _fetch(url: str, target: str) -> None:
+    from webdataset.gopen import gopen
+    tmp = f'{target}.tmp-{os.getpid()}'
+    try:
+        with gopen(url, 'rb') as stream, open(tmp, 'wb') as out:
+            shutil.copyfileobj(stream, out, 1 << 20)
+        os.replace(tmp, target)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot fetch shard '{url}' ({e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def split_shards(config, split: str) -> list[str]:
+    """The shard files of `split`: DATA.WDS_TRAIN / DATA.WDS_VAL when set, else the
+    `<split>-*.tar` files in DATA.DATA_PATH."""
+    pattern = config.DATA.WDS_TRAIN if split == 'train' else config.DATA.WDS_VAL
+    if not pattern:
+        return shard_paths(config.DATA.DATA_PATH, split)
+    cache = config.DATA.WDS_CACHE or os.path.join(os.path.expanduser('~'), '.cache', 'swin-shards')
+    return expand_shards(pattern, cache)
 
 
 def read_classes(root: str) -> list[str] | None:
@@ -166,23 +235,23 @@ def read_classes(root: str) -> list[str] | None:
 
 
 class ShardSource(Source):
-    """The samples of `<root>/<split>-*.tar`, shard by shard in tar order. Labels are the
-    samples' `cls`; class names come from `classes.txt` beside the shards when present."""
+    """The samples of the shard files `paths`, shard by shard in tar order. Labels are the
+    samples' `cls`; class names come from `classes.txt` in `classes_root` when present."""
 
-    def __init__(self, root: str, split: str):
-        self.paths = shard_paths(root, split)
+    def __init__(self, paths: list[str], classes_root: str = ''):
+        self.paths = paths
         with ThreadPoolExecutor(max_workers=_INDEX_THREADS) as pool:
             per_shard = list(pool.map(index_shard, self.paths))
         self.shard = np.concatenate([np.full(len(s), i, dtype=np.int32) for i, s in enumerate(per_shard)])
         self.offsets = np.fromiter((o for s in per_shard for _, o, _, _ in s), dtype=np.int64, count=len(self.shard))
         self.sizes = np.fromiter((n for s in per_shard for _, _, n, _ in s), dtype=np.int64, count=len(self.shard))
         self.samples = SampleTable((key, label) for s in per_shard for key, _, _, label in s)
-        self.classes = read_classes(root)
+        self.classes = read_classes(classes_root) if classes_root else None
         self.num_classes = len(self.classes) if self.classes else int(self.samples.labels.max()) + 1
         if self.classes and self.samples.labels.max() >= len(self.classes):
             where = int(np.argmax(self.samples.labels))
             raise DataError(f"{self.describe(where)} has class index {self.samples.labels[where]}, outside the "
-                            f"{len(self.classes)} classes of '{os.path.join(root, CLASSES_FILE)}'")
+                            f"{len(self.classes)} classes of '{os.path.join(classes_root, CLASSES_FILE)}'")
         self._files: dict[int, int] = {}
         self._pid = -1
 

@@ -16,7 +16,7 @@ from config import default_config, set_key, validate_config
 from data import DataError, build_loader
 from data.build import build_dataset
 from data.samplers import ShardSampler, TrainSampler
-from data.shards import ShardSource
+from data.shards import ShardSource, shard_paths
 from data.sources import FolderSource
 from helpers.images import CLASSES, write_photo_folder
 from tools.make_shards import main as make_shards_main
@@ -48,6 +48,10 @@ def shard_root(data_root, tmp_path_factory):
     return out
 
 
+def _source(root, split) -> ShardSource:
+    return ShardSource(shard_paths(root, split), root)
+
+
 def _write_tar(path, members, fmt=tarfile.PAX_FORMAT):
     with tarfile.open(path, 'w', format=fmt) as tf:
         for name, data in members:
@@ -66,7 +70,7 @@ def _jpeg(data_root) -> bytes:
 @pytest.mark.parametrize('split', ['train', 'val'])
 def test_shards_hold_the_folders_images_labels_and_order(data_root, shard_root, split):
     folder = FolderSource(os.path.join(data_root, split))
-    shards = ShardSource(shard_root, split)
+    shards = _source(shard_root, split)
     assert len(shards.paths) == -(-len(folder) // 5)  # --maxcount 5
     assert shards.classes == folder.classes == sorted(CLASSES) and shards.num_classes == len(CLASSES)
     assert [shards.label(i) for i in range(len(shards))] == [folder.label(i) for i in range(len(folder))]
@@ -81,7 +85,7 @@ def test_shards_from_a_zip_layout(data_root, tmp_path):
             mf.write(f'img{i}.jpg\t{label}\n')
     out = str(tmp_path / 'wds')
     assert make_shards_main([str(tmp_path), out, '--zip', '--splits', 'train']) == 0
-    shards = ShardSource(out, 'train')
+    shards = _source(out, 'train')
     assert shards.classes is None and shards.num_classes == len(CLASSES)  # a map numbers classes only
     assert sorted((shards.label(i), shards.read(i)) for i in range(len(shards))) == \
         sorted((folder.label(i), folder.read(i)) for i in range(len(folder)))
@@ -96,7 +100,7 @@ def test_index_reads_long_names_in_every_tar_format(data_root, tmp_path, fmt):
     long_key = f'{deep}/sample' if fmt == tarfile.USTAR_FORMAT else deep + '/' + 'k' * 120
     _write_tar(tmp_path / 'train-0.tar', [(f'{long_key}.jpg', jpeg), (f'{long_key}.cls', b'2'),
                                           ('short.cls', b'1'), ('short.png', b'x')], fmt)
-    source = ShardSource(str(tmp_path), 'train')
+    source = _source(str(tmp_path), 'train')
     assert list(source.samples) == [(long_key, 2), ('short', 1)]
     assert source.read(0) == jpeg and source.read(1) == b'x'
 
@@ -155,14 +159,14 @@ def test_a_corrupt_image_in_a_shard_is_counted_and_replaced(data_root, tmp_path,
 def _bad(tmp_path, members, name='train-0.tar'):
     _write_tar(tmp_path / name, members)
     with pytest.raises(DataError) as info:
-        ShardSource(str(tmp_path), 'train')
+        _source(str(tmp_path), 'train')
     assert '\n' not in str(info.value)
     return str(info.value)
 
 
 def test_no_shards_names_the_pattern(tmp_path):
     with pytest.raises(DataError, match=r'train-\*\.tar'):
-        ShardSource(str(tmp_path), 'train')
+        _source(str(tmp_path), 'train')
 
 
 def test_sample_without_image_or_label(tmp_path):
@@ -184,17 +188,17 @@ def test_truncated_unreadable_and_compressed_shards(data_root, tmp_path):
     for cut in (700, 1100):  # inside the image's data / inside the next header
         (tmp_path / 'train-0.tar').write_bytes(whole[:cut])
         with pytest.raises(DataError, match='train-0.tar.* truncated'):
-            ShardSource(str(tmp_path), 'train')
+            _source(str(tmp_path), 'train')
     (tmp_path / 'train-0.tar').write_bytes(b'not a tar file at all' * 40)
     with pytest.raises(DataError, match='not a readable tar file'):
-        ShardSource(str(tmp_path), 'train')
+        _source(str(tmp_path), 'train')
     with tarfile.open(tmp_path / 'train-0.tar', 'w:gz') as tf:
         tf.add(os.path.join(data_root, 'val'), arcname='x')
     with pytest.raises(DataError, match='uncompressed'):
-        ShardSource(str(tmp_path), 'train')
+        _source(str(tmp_path), 'train')
     (tmp_path / 'train-0.tar').write_bytes(b'')
     with pytest.raises(DataError, match='empty'):
-        ShardSource(str(tmp_path), 'train')
+        _source(str(tmp_path), 'train')
 
 
 def test_make_shards_bad_input_is_one_line_exit_2(data_root, tmp_path, capsys):
@@ -205,3 +209,35 @@ def test_make_shards_bad_input_is_one_line_exit_2(data_root, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'exists' in err[0]
     assert not [p for p in os.listdir(tmp_path) if p.startswith('.shards-')]  # nothing half-written left
+
+
+# --- shards by pattern and URL -----------------------------------------------------------
+
+def test_brace_patterns_and_pipe_urls_give_the_same_samples(shard_root, tmp_path):
+    """DATA.WDS_TRAIN / WDS_VAL as local brace patterns and as `pipe:` URLs (copied once
+    into DATA.WDS_CACHE, then reused); no DATA_PATH needed."""
+    local = _source(shard_root, 'train')
+    last = len(local.paths) - 1
+    pattern = os.path.join(shard_root, f'train-{{000000..{last:06d}}}.tar')
+    cache = tmp_path / 'cache'
+    for spec in (pattern, f'pipe:cat {pattern}'):
+        config = _config('', **{'DATA.WDS_TRAIN': spec, 'DATA.WDS_CACHE': str(cache)})
+        dataset = build_dataset(config, True)
+        assert [dataset.source.read(i) for i in range(len(local))] == [local.read(i) for i in range(len(local))]
+        assert list(dataset.source.samples) == list(local.samples)
+    copies = sorted(os.listdir(cache))
+    assert len(copies) == len(local.paths) and not [c for c in copies if '.tmp-' in c]
+    stamps = [os.stat(cache / c).st_mtime_ns for c in copies]
+    build_dataset(_config('', **{'DATA.WDS_TRAIN': f'pipe:cat {pattern}', 'DATA.WDS_CACHE': str(cache)}), True)
+    assert [os.stat(cache / c).st_mtime_ns for c in copies] == stamps  # fetched once
+
+
+def test_bad_patterns_and_urls_are_one_line(shard_root, tmp_path):
+    cases = [(os.path.join(shard_root, 'train-{000000..000999}.tar'), 'does not exist'),
+             ('pipe:exit 3', "cannot fetch shard 'pipe:exit 3'")]
+    for spec, words in cases:
+        config = _config('', **{'DATA.WDS_TRAIN': spec, 'DATA.WDS_CACHE': str(tmp_path / 'cache')})
+        with pytest.raises(DataError, match=words) as info:
+            build_dataset(config, True)
+        assert '\n' not in str(info.value)
+    assert not [c for c in os.listdir(tmp_path / 'cache') if c]  # nothing torn left behind
