@@ -68,6 +68,9 @@ _C.DATA.WDS_CACHE = ''
 # [New] A built-in dataset written to DATA.DATA_PATH as an image folder when that path does
 # not exist yet: '' (none) or 'digits' (scikit-learn's handwritten digits, for the demo)
 _C.DATA.PREPARE = ''
+# [New] Who decodes and augments: 'torch' (DataLoader workers, timm's transforms) or 'dali'
+# (NVIDIA DALI, on the GPU where there is one; docs/data.md, "GPU decoding with DALI")
+_C.DATA.LOADER = 'torch'
 
 # -----------------------------------------------------------------------------
 # Model settings
@@ -305,6 +308,7 @@ PARALLELS = ('ddp', 'zero', 'fsdp')
 REDUCE_DTYPES = ('amp', 'fp32', 'bf16')
 PREPARED_DATASETS = ('', 'digits')
 DATASETS = ('imagenet', 'imagenet22k', 'synthetic', 'wds', 'hf')
+LOADERS = ('torch', 'dali')
 INTERPOLATIONS = ('bicubic', 'bilinear', 'random', 'nearest', 'lanczos', 'hamming', 'box')
 MIXUP_MODES = ('batch', 'pair', 'elem')
 ERASE_MODES = ('const', 'rand', 'pixel')
@@ -606,6 +610,17 @@ def _validate_data(config: CN) -> None:
     _check_choice(data.DATASET, DATASETS, 'DATA.DATASET')
     _check_choice(data.INTERPOLATION, INTERPOLATIONS, 'DATA.INTERPOLATION')
     _check_choice(data.PREPARE, PREPARED_DATASETS, 'DATA.PREPARE')
+    _check_choice(data.LOADER, LOADERS, 'DATA.LOADER')
+    if str(data.LOADER).lower() == 'dali':  # what the DALI pipeline (data/dali_loader.py) cannot do
+        _check(data.DATASET.lower() != 'synthetic', "DATA.LOADER dali decodes encoded images; "
+               "DATA.DATASET synthetic has none (use DATA.LOADER torch)")
+        _check(data.IMG_SIZE > 32, f"DATA.LOADER dali does not do the padded crop of DATA.IMG_SIZE <= 32 "
+               f"(got {data.IMG_SIZE}); use DATA.LOADER torch")
+        _check(data.INTERPOLATION.lower() not in ('hamming', 'box'), f"DATA.LOADER dali has no "
+               f"'{data.INTERPOLATION}' interpolation; use bicubic, bilinear, nearest, lanczos or random")
+        _check(aug.AUTO_AUGMENT == 'none' or aug.AUTO_AUGMENT.startswith('rand'),
+               f"DATA.LOADER dali supports RandAugment ('rand-m9-mstd0.5-inc1') or 'none' as "
+               f"AUG.AUTO_AUGMENT, got '{aug.AUTO_AUGMENT}'")
     _check(data.PREFETCH_FACTOR >= 1, f"DATA.PREFETCH_FACTOR must be >= 1, got {data.PREFETCH_FACTOR}")
     _check(0.0 <= data.MAX_CORRUPT_FRACTION <= 1.0,
            f"DATA.MAX_CORRUPT_FRACTION must be in [0, 1], got {data.MAX_CORRUPT_FRACTION}")

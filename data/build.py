@@ -145,6 +145,10 @@ def build_loaders(config, dataset_train, dataset_val, rank: int = 0, world_size:
     """(loader_train, loader_val, mixup_fn) over built datasets; the training side is None
     without a training split. config.MODEL.NUM_CLASSES must already be the data's (mixup's
     targets have that many columns)."""
+    if config.DATA.LOADER.lower() == 'dali':  # imported only when asked: DALI is an optional package
+        from .dali_loader import build_dali_loaders
+        return build_dali_loaders(config, dataset_train, dataset_val, rank, world_size)
+    logging.getLogger(config.MODEL.NAME).info(f'data loader: torch DataLoader, {config.DATA.NUM_WORKERS} workers')
     loader_val = _loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size,
                                                    shuffle=config.TEST.SHUFFLE, seed=config.SEED),
                          config, is_train=False, rank=rank)
