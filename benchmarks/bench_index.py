@@ -1,5 +1,6 @@
 """Indexes at ImageNet scale: time to the first training batch and the memory of the main
-process and of each loader worker, for the zip, folder and ImageNet-22k list layouts.
+process and of each loader worker, for the zip, folder, WebDataset shard and ImageNet-22k list
+layouts.
 
 Generates, once (reused while the counts are the same), under --root:
 
@@ -8,6 +9,8 @@ Generates, once (reused while the counts are the same), under --root:
 - folder/: an ImageFolder tree `train/<class>/<image>.JPEG` of --classes classes, every file
   a hard link to its class's tiny JPEG (fast to make, small on disk; one file per class keeps
   under the file system's link limit), and the same small val split;
+- wds/: WebDataset shards `train-%06d.tar` of 10,000 samples (jpg, cls, fname), written with
+  WebDataset's ShardWriter as tools/make_shards.py does, and the same small val split;
 - list/: the ImageNet-22k layout's `ILSVRC2011fall_whole_map_train.txt` of --list-entries
   `<path> <label>` lines over 21,841 classes, no images.
 
@@ -18,7 +21,7 @@ Each layout is measured in a fresh process (so peak memory is its own):
   (DATA.CACHE_MODE from --cache-mode, 'no' by default: the cache is another subject);
 - a full pass over the index: a loader with --workers workers over a dataset whose items are
   chunks of the training sampler's order; every worker touches each index it gets (name,
-  label, and for the zip and folder layouts the bytes of the image through `source.read`,
+  label, and for the zip, folder and shard layouts the bytes of the image through `source.read`,
   without decoding). Each worker reports its memory (psutil `memory_full_info`: USS, the
   pages only it holds; PSS, its share of all it maps) on its first, empty item and after its
   last chunk; growth = USS after - USS before. The list layout has no images: its workers
@@ -44,7 +47,8 @@ from typing import NoReturn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-LAYOUTS = ('zip', 'folder', 'list')
+LAYOUTS = ('zip', 'folder', 'list', 'wds')
+SHARD_SAMPLES = 10_000  # samples per WebDataset shard (128 shards at 1.28M)
 LIST_CLASSES = 21841
 MARKER = '.bench_index.json'
 GOAL_FIRST_BATCH_S = 60.0  # zip layout, 1.28M entries
@@ -108,6 +112,15 @@ def write_folder_split(root: str, split: str, entries: int, classes: int, jpeg: 
             os.link(os.path.join(top, f'n{i % classes:08d}', f'n{i % classes:08d}_{i % classes}.JPEG'), path)
 
 
+def write_shards(root: str, split: str, entries: int, classes: int, jpeg: bytes) -> None:
+    """`<split>-%06d.tar` shards as tools/make_shards.py writes them (jpg, cls, fname)."""
+    import webdataset as wds
+    with wds.ShardWriter(os.path.join(root, f'{split}-%06d.tar'), maxcount=SHARD_SAMPLES, verbose=0) as writer:
+        for i in _labels(entries, classes):
+            writer.write({'__key__': f'{i:08d}', 'jpg': jpeg, 'cls': str(i % classes),
+                          'fname': member_name(i % classes, i)})
+
+
 def write_list(root: str, split: str, entries: int) -> None:
     with open(os.path.join(root, f'ILSVRC2011fall_whole_map_{split}.txt'), 'w') as f:
         step = 1 << 18
@@ -139,6 +152,9 @@ def prepare(root: str, layout: str, entries: int, classes: int) -> str:
     elif layout == 'folder':
         write_folder_split(folder, 'train', entries, classes, jpeg)
         write_folder_split(folder, 'val', classes, classes, jpeg)
+    elif layout == 'wds':
+        write_shards(folder, 'train', entries, classes, jpeg)
+        write_shards(folder, 'val', classes, classes, jpeg)
     else:
         os.makedirs(os.path.join(folder, 'images'))  # DATA_PATH must exist; the list names no real files
         write_list(folder, 'train', entries)
@@ -204,8 +220,8 @@ def config_for(layout: str, root: str, workers: int, batch: int, cache_mode: str
     cfg.DATA.PIN_MEMORY = False
     cfg.DATA.CACHE_MODE = cache_mode
     cfg.DATA.ZIP_MODE = layout == 'zip'
-    if layout == 'list':
-        cfg.DATA.DATASET = 'imagenet22k'
+    if layout in ('list', 'wds'):
+        cfg.DATA.DATASET = 'imagenet22k' if layout == 'list' else 'wds'
     cfg.freeze()
     return cfg
 
@@ -288,7 +304,7 @@ def goals(results: list[dict]) -> list[str]:
 def main() -> None:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--root', default='bench_results/bench_index', help='where the layouts are made (reused)')
-    p.add_argument('--layouts', default='zip,folder,list', help='comma-separated: zip, folder, list')
+    p.add_argument('--layouts', default='zip,folder,list,wds', help='comma-separated: zip, folder, list, wds')
     p.add_argument('--entries', type=int, default=1_281_167, help='training entries of the zip and folder layouts')
     p.add_argument('--classes', type=int, default=1000, help='classes of the zip and folder layouts')
     p.add_argument('--list-entries', type=int, default=14_197_122, help='entries of the 22k list layout')
