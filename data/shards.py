@@ -11,9 +11,11 @@ and an exact resume in the middle of an epoch, without a shuffle buffer.
 from __future__ import annotations
 
 import glob
+import multiprocessing
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from array import array
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -24,7 +26,9 @@ from .sources import SampleTable, Source
 IMAGE_KEYS = ('jpg', 'jpeg', 'png', 'webp')  # the member extensions that hold the image
 CLASSES_FILE = 'classes.txt'  # class names in label order, one per line (tools/make_shards.py)
 _BLOCK = 512
-_INDEX_THREADS = 8  # header reads are I/O and release the GIL
+_ZERO_BLOCK = b'\0' * _BLOCK
+_WINDOW = 4096  # one page
+_INDEX_PROCESSES = 16  # shards indexed at once, at most
 
 
 class _Entry:
@@ -60,12 +64,25 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def _members(path: str, f, file_size: int):
+class _Window:
+    """Reads of a file served from one cached page-sized window: consecutive small members'
+    headers take one system call, a large member's header costs one page of I/O."""
+
+    def __init__(self, fd: int):
+        self.fd, self.start, self.data = fd, 0, b''
+
+    def read(self, at: int, n: int) -> bytes:
+        if not (self.start <= at and at + n <= self.start + len(self.data)):
+            self.start, self.data = at, os.pread(self.fd, max(n, _WINDOW), at)
+        return self.data[at - self.start:at - self.start + n]
+
+
+def _members(path: str, window: _Window, file_size: int):
     """(name, data offset, size) of the regular files in a tar, from its headers alone."""
     at, long_name = 0, None
     while at + _BLOCK <= file_size:
-        header = os.pread(f.fileno(), _BLOCK, at)
-        if header == b'\0' * _BLOCK:
+        header = window.read(at, _BLOCK)
+        if header == _ZERO_BLOCK:
             return  # end-of-archive marker
         if len(header) < _BLOCK or header[257:262] not in (b'ustar', b'\0\0\0\0\0'):
             raise DataError(f"'{path}' is not a readable tar file (bad header at byte {at}; "
@@ -75,7 +92,7 @@ def _members(path: str, f, file_size: int):
         if data_at + size > file_size:
             raise DataError(f"'{path}' is truncated (a member at byte {at} ends past the end of the file)")
         if kind in (b'L', b'x'):  # GNU long name / pax header: applies to the next member
-            data = os.pread(f.fileno(), size, data_at)
+            data = window.read(data_at, size)
             long_name = data.rstrip(b'\0').decode('utf-8', 'surrogateescape') if kind == b'L' else _pax_path(data)
         elif kind in (b'0', b'\0', b'7'):
             name = long_name or _header_name(header)
@@ -112,31 +129,52 @@ def _label(text: bytes, path: str, key: str) -> int:
     return label
 
 
-def index_shard(path: str) -> list[tuple[str, int, int, int]]:
-    """(key, image offset, image size, label) of every sample in one shard, in tar order."""
-    samples: list[tuple[str, int, int, int]] = []
+class ShardIndex:
+    """One shard's samples as arrays (cheap to send back from an indexing process): keys
+    (UTF-8, concatenated, with offsets), image offsets and sizes, labels."""
+
+    def __init__(self):
+        self.keys, self.key_ends = bytearray(), array('q')
+        self.offsets, self.sizes, self.labels = array('q'), array('q'), array('q')
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def add(self, entry: _Entry) -> None:
+        self.keys += entry.key.encode('utf-8', 'surrogateescape')
+        self.key_ends.append(len(self.keys))
+        self.offsets.append(entry.offset)
+        self.sizes.append(entry.size)
+        self.labels.append(entry.label)
+
+
+def index_shard(path: str) -> ShardIndex:
+    """Every sample of one shard, in tar order."""
     try:
-        f = open(path, 'rb')
+        fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise DataError(f"cannot read shard '{path}' ({e.strerror})") from None
-    with f:
-        entry = None
-        for name, offset, size in _members(path, f, os.fstat(f.fileno()).st_size):
+    index, entry = ShardIndex(), None
+    try:
+        window = _Window(fd)
+        for name, offset, size in _members(path, window, os.fstat(fd).st_size):
             key, ext = _split_key(name)
             if entry is None or key != entry.key:
-                _finish(entry, path, samples)
+                _finish(entry, path, index)
                 entry = _Entry(key)
             if ext in IMAGE_KEYS and entry.offset < 0:
                 entry.offset, entry.size = offset, size
             elif ext == 'cls':
-                entry.label = _label(os.pread(f.fileno(), size, offset), path, key)
-        _finish(entry, path, samples)
-    if not samples:
+                entry.label = _label(window.read(offset, size), path, key)
+        _finish(entry, path, index)
+    finally:
+        os.close(fd)
+    if not len(index):
         raise DataError(f"shard '{path}' holds no samples")
-    return samples
+    return index
 
 
-def _finish(entry: _Entry | None, path: str, samples: list) -> None:
+def _finish(entry: _Entry | None, path: str, index: ShardIndex) -> None:
     if entry is None:
         return
     if entry.offset < 0:
@@ -144,7 +182,27 @@ def _finish(entry: _Entry | None, path: str, samples: list) -> None:
                         f"{', '.join('.' + k for k in IMAGE_KEYS)})")
     if entry.label is None:
         raise DataError(f"'{path}': sample '{entry.key}' has no class index (.cls)")
-    samples.append((entry.key, entry.offset, entry.size, entry.label))
+    index.add(entry)
+
+
+def index_shards(paths: list[str]) -> list[ShardIndex]:
+    """The shards indexed in parallel processes (the header walk is Python: threads would
+    share one core), as many as this process's share of the machine's cores."""
+    procs = min(len(paths), _INDEX_PROCESSES, max(1, _usable_cores() // _local_processes()))
+    if procs <= 1:
+        return [index_shard(p) for p in paths]
+    # fork: the children only parse files, and start at once (no re-import)
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context('fork')) as pool:
+        return list(pool.map(index_shard, paths, chunksize=max(1, len(paths) // (4 * procs))))
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
+def _local_processes() -> int:
+    """The run's processes on this node (torchrun sets LOCAL_WORLD_SIZE); each indexes."""
+    return max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1') or 1))
 
 
 def shard_paths(root: str, split: str) -> list[str]:
@@ -234,18 +292,26 @@ def read_classes(root: str) -> list[str] | None:
         return [line.rstrip('\n') for line in f if line.strip()]
 
 
+def _key_table(per_shard: list[ShardIndex]) -> SampleTable:
+    """The samples' keys and labels of all shards in one SampleTable."""
+    bases = np.cumsum([0] + [len(s.keys) for s in per_shard[:-1]])
+    ends = np.concatenate([np.frombuffer(s.key_ends, dtype=np.int64) + b for s, b in zip(per_shard, bases)])
+    names = np.frombuffer(b''.join(bytes(s.keys) for s in per_shard), dtype=np.uint8)
+    labels = np.concatenate([np.frombuffer(s.labels, dtype=np.int64) for s in per_shard])
+    return SampleTable.from_arrays(names, np.concatenate([[0], ends]), labels)
+
+
 class ShardSource(Source):
     """The samples of the shard files `paths`, shard by shard in tar order. Labels are the
     samples' `cls`; class names come from `classes.txt` in `classes_root` when present."""
 
     def __init__(self, paths: list[str], classes_root: str = ''):
         self.paths = paths
-        with ThreadPoolExecutor(max_workers=_INDEX_THREADS) as pool:
-            per_shard = list(pool.map(index_shard, self.paths))
+        per_shard = index_shards(paths)
         self.shard = np.concatenate([np.full(len(s), i, dtype=np.int32) for i, s in enumerate(per_shard)])
-        self.offsets = np.fromiter((o for s in per_shard for _, o, _, _ in s), dtype=np.int64, count=len(self.shard))
-        self.sizes = np.fromiter((n for s in per_shard for _, _, n, _ in s), dtype=np.int64, count=len(self.shard))
-        self.samples = SampleTable((key, label) for s in per_shard for key, _, _, label in s)
+        self.offsets = np.concatenate([np.frombuffer(s.offsets, dtype=np.int64) for s in per_shard])
+        self.sizes = np.concatenate([np.frombuffer(s.sizes, dtype=np.int64) for s in per_shard])
+        self.samples = _key_table(per_shard)
         self.classes = read_classes(classes_root) if classes_root else None
         self.num_classes = len(self.classes) if self.classes else int(self.samples.labels.max()) + 1
         if self.classes and self.samples.labels.max() >= len(self.classes):
