@@ -5,11 +5,13 @@ center crop for testing) up to the uint8 image; converting to float, normalizing
 erasing and mixup happen on the training device (`data/device_prep.py`), which keeps the
 workers' work and the host-to-device copies 4x smaller.
 
-Two pieces are replaced for speed; everything random comes from timm's own objects:
+Three pieces are replaced for speed; everything random comes from timm's own objects:
 - decoding goes through `data/decode.py` (same pixels as PIL, faster; optionally at reduced
   scale, DATA.REDUCED_DECODE);
 - bilinear/bicubic resampling uses torch's antialiased uint8 kernels instead of PIL's, about
-  7x faster here and within 2 grey levels of PIL's output (mean difference < 0.01 level).
+  7x faster here and within 2 grey levels of PIL's output (mean difference < 0.01 level);
+- RandAugment's shears and translations run a kernel of our own (`data/fast_warps.py`) that
+  gives PIL's pixels exactly, about 4x faster.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_i
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from . import fast_warps
 from .decode import JPEG_SCALES, ImageInput, decode_rgb, image_size
 
 _TORCH_MODES = ('bilinear', 'bicubic')  # resampled by torch; the others by PIL
@@ -35,18 +38,23 @@ def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
     return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
-def allow_zero_bit_posterize(transform) -> None:
-    """timm's RandAugment draws posterize with 0 bits now and then (magnitude 10; about
-    0.1% of images with rand-m9-mstd0.5), which Pillow 13 rejects with a ValueError that
-    would end the run. Give those ops the black image older Pillow produced."""
+def replace_ops(transform, replacements: dict) -> None:
+    """Swap the functions of timm's augmentation ops (RandAugment's `ops`, AutoAugment's
+    sub-policies, inside a Compose) by `replacements` {timm function: ours}."""
     ops = list(getattr(transform, 'ops', None) or [])
     for sub in getattr(transform, 'policy', None) or []:  # AutoAugment: lists of ops
         ops.extend(sub)
     for op in ops:
-        if getattr(op, 'aug_fn', None) is auto_augment.posterize:
-            op.aug_fn = _posterize
+        op.aug_fn = replacements.get(op.aug_fn, op.aug_fn)
     for inner in getattr(transform, 'transforms', None) or []:  # Compose
-        allow_zero_bit_posterize(inner)
+        replace_ops(inner, replacements)
+
+
+def allow_zero_bit_posterize(transform) -> None:
+    """timm's RandAugment draws posterize with 0 bits now and then (magnitude 10; about
+    0.1% of images with rand-m9-mstd0.5), which Pillow 13 rejects with a ValueError that
+    would end the run. Give those ops the black image older Pillow produced."""
+    replace_ops(transform, {auto_augment.posterize: _posterize})
 
 
 def _mode_name(interpolation) -> str:
@@ -130,6 +138,8 @@ class TrainTransform:
         self.hflip, self.vflip = config.AUG.HFLIP, config.AUG.VFLIP
         self.augment = secondary if secondary.transforms else None
         allow_zero_bit_posterize(secondary)
+        replace_ops(secondary, fast_warps.REPLACEMENTS)  # PIL's pixels, faster
+        fast_warps.compile_kernel()
         self.reduced_decode = config.DATA.REDUCED_DECODE
 
     def __call__(self, data: ImageInput) -> torch.Tensor:
