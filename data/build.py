@@ -106,15 +106,18 @@ def _check_same_classes(dataset_train, dataset_val) -> None:
 
 
 def data_num_classes(config, dataset_train, dataset_val) -> int:
-    """The class count the data gives. Folders name their classes; zip maps and 22k lists only
-    number them, so there the count is the largest label + 1 over the splits built, and never
-    below the config's (a split may lack the last classes, and a checkpoint's head must still
-    fit). Synthetic data keeps the config's."""
+    """The class count the data gives. Folders, shards with classes.txt and ClassLabel columns
+    name their classes; shards and Hugging Face int labels give the largest label + 1 over the
+    splits built; zip maps and 22k lists the same but never below the config's (a split may
+    lack the last classes, and a checkpoint's head must still fit). Synthetic data keeps the
+    config's."""
     if config.DATA.DATASET.lower() == 'synthetic':
         return config.MODEL.NUM_CLASSES
     built = [d for d in (dataset_train, dataset_val) if d is not None]
     if built[0].source.classes is not None:
         return built[0].num_classes
+    if config.DATA.DATASET.lower() in ('wds', 'hf'):  # their interface: the largest label + 1
+        return max(d.num_classes for d in built)
     return max([config.MODEL.NUM_CLASSES] + [d.num_classes for d in built])
 
 

@@ -15,7 +15,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from torch.utils.data import DataLoader
 
 from config import default_config, validate_config
-from data import DataError
+from data import DataError, build_loader
 from data.build import build_dataset
 from data.decode import DecodeError, decode_rgb
 from data.hf_source import HFSource
@@ -152,6 +152,9 @@ def test_int_labels_without_class_label_count_max_plus_one(data_root, tmp_path):
     val = HFSource(root, 'val')
     assert val.classes is None and val.num_classes == 5 and val.label(n - 1) == 4
     assert HFSource(root, 'train').num_classes == 3
+    config = _config(root, **{'MODEL.NUM_CLASSES': 1000})  # the run's count: over the splits, not the YAML's
+    build_loader(config, rank=0, world_size=1)
+    assert config.MODEL.NUM_CLASSES == 5
 
 
 @pytest.mark.parametrize('world_size', [1, 2, 3])

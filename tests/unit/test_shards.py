@@ -241,3 +241,14 @@ def test_bad_patterns_and_urls_are_one_line(shard_root, tmp_path):
             build_dataset(config, True)
         assert '\n' not in str(info.value)
     assert not [c for c in os.listdir(tmp_path / 'cache') if c]  # nothing torn left behind
+
+
+def test_class_count_without_classes_file_is_the_largest_label_plus_one(shard_root, tmp_path, caplog):
+    for name in os.listdir(shard_root):
+        if name.endswith('.tar'):
+            os.symlink(os.path.join(shard_root, name), tmp_path / name)  # the shards, without classes.txt
+    config = _config(str(tmp_path), **{'MODEL.NUM_CLASSES': 1000})
+    with caplog.at_level(logging.INFO, logger='wds-classes'):
+        build_loader(config, rank=0, world_size=1, logger=logging.getLogger('wds-classes'))
+    assert config.MODEL.NUM_CLASSES == len(CLASSES)
+    assert any('NUM_CLASSES set to 3' in r.getMessage() for r in caplog.records)
