@@ -46,16 +46,17 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import NoReturn
 
 import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import PIL
 import timm
 import torchvision
+from bench_cli import Parser, fail
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import datasets, transforms
@@ -75,16 +76,6 @@ PHOTOS = ('china.jpg', 'flower.jpg')
 SHAPES = ((500, 375), (500, 375), (375, 500))  # (width, height): 2/3 landscape, 1/3 portrait
 _PHOTOS: list[Image.Image] = []  # the two photos, loaded once (and inherited by forked writers)
 
-
-def fail(message: str) -> NoReturn:
-    """A user mistake: one line on stderr, exit status 2, no traceback."""
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        fail(message)
 
 
 # ----------------------------------------------------------------------------- images

@@ -43,9 +43,11 @@ import subprocess
 import sys
 import time
 import zipfile
-from typing import NoReturn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_cli import Parser, fail
 
 LAYOUTS = ('zip', 'folder', 'list', 'wds')
 SHARD_SAMPLES = 10_000  # samples per WebDataset shard (128 shards at 1.28M)
@@ -55,16 +57,6 @@ GOAL_FIRST_BATCH_S = 60.0  # zip layout, 1.28M entries
 GOAL_WORKER_GROWTH_MB = 50.0
 MB = 2 ** 20
 
-
-def fail(message: str) -> NoReturn:
-    """A user mistake: one line on stderr, exit status 2, no traceback."""
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        fail(message)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from utils import DataError
+from utils import DataError, atomic_write
 
 from .sources import SampleTable, Source
 
@@ -262,16 +262,14 @@ def _cache_name(url: str) -> str:
 
 def _fetch(url: str, target: str) -> None:
     from webdataset.gopen import gopen
-    tmp = f'{target}.tmp-{os.getpid()}'
-    try:
-        with gopen(url, 'rb') as stream, open(tmp, 'wb') as out:
+
+    def copy(out) -> None:
+        with gopen(url, 'rb') as stream:
             shutil.copyfileobj(stream, out, 1 << 20)
-        os.replace(tmp, target)
-    except (OSError, ValueError) as e:
+    try:
+        atomic_write(target, copy)
+    except ValueError as e:  # OutputError: the command, the transfer or the disk failed; gopen's own errors
         raise DataError(f"cannot fetch shard '{url}' ({e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def split_shards(config, split: str) -> list[str]:
