@@ -148,21 +148,27 @@ def build_loaders(config, dataset_train, dataset_val, rank: int = 0, world_size:
     """(loader_train, loader_val, mixup_fn) over built datasets; the training side is None
     without a training split. config.MODEL.NUM_CLASSES must already be the data's (mixup's
     targets have that many columns)."""
-    if config.DATA.LOADER.lower() == 'dali':  # imported only when asked: DALI is an optional package
-        from .dali_loader import build_dali_loaders
-        return build_dali_loaders(config, dataset_train, dataset_val, rank, world_size)
-    logging.getLogger(config.MODEL.NAME).info(f'data loader: torch DataLoader, {config.DATA.NUM_WORKERS} workers')
-    loader_val = _loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size,
-                                                   shuffle=config.TEST.SHUFFLE, seed=config.SEED),
-                         config, is_train=False, rank=rank)
+    make_loader, what = _loader_kind(config, rank)
+    logging.getLogger(config.MODEL.NAME).info(f'data loader: {what}')
+    loader_val = make_loader(dataset_val, ShardSampler(len(dataset_val), rank, world_size,
+                                                       shuffle=config.TEST.SHUFFLE, seed=config.SEED), False)
     if dataset_train is None:
         return None, loader_val, None
     if len(dataset_train) < config.DATA.BATCH_SIZE * world_size:
         raise DataError(f'the training split has {len(dataset_train)} images, fewer than one batch of '
                         f'{config.DATA.BATCH_SIZE} on each of {world_size} ranks; lower --batch-size')
     sampler_train = TrainSampler(dataset_train, world_size, rank, seed=config.SEED)
-    loader_train = _loader(dataset_train, sampler_train, config, is_train=True, rank=rank)
-    return loader_train, loader_val, build_mixup(config)
+    return make_loader(dataset_train, sampler_train, True), loader_val, build_mixup(config)
+
+
+def _loader_kind(config, rank: int):
+    """(make(dataset, sampler, is_train) -> loader, its name for the log) for DATA.LOADER."""
+    if config.DATA.LOADER.lower() == 'dali':  # imported only when asked: DALI is an optional package
+        from .dali_loader import DaliLoader, describe
+        what = describe()
+        return (lambda dataset, sampler, is_train: DaliLoader(config, dataset, sampler, is_train, rank)), what
+    return ((lambda dataset, sampler, is_train: _loader(dataset, sampler, config, is_train, rank)),
+            f'torch DataLoader, {config.DATA.NUM_WORKERS} workers')
 
 
 def build_loader(config, rank: int | None = None, world_size: int | None = None,

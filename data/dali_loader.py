@@ -13,7 +13,6 @@ What DALI cannot do as timm does is listed in docs/data.md ("GPU decoding with D
 """
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator
 
@@ -22,9 +21,7 @@ import torch
 
 from utils import ConfigError, DataError
 
-from .build import build_mixup
 from .decode import image_size
-from .samplers import ShardSampler, TrainSampler
 from .sources import Source
 from .transforms import EvalTransform
 
@@ -227,10 +224,6 @@ class DaliLoader:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    @property
-    def backend(self) -> str:
-        return f'GPU (mixed decoding, cuda:{torch.cuda.current_device()})' if self.on_gpu else 'CPU'
-
     def _batches(self) -> tuple[list[list[int]], int]:
         indices = list(iter(self.sampler))  # after set_epoch: that epoch from its start
         epoch = getattr(self.sampler, 'epoch', 0)
@@ -287,19 +280,7 @@ class DaliLoader:
             del pipe
 
 
-def build_dali_loaders(config, dataset_train, dataset_val, rank: int = 0, world_size: int = 1):
-    """(loader_train, loader_val, mixup_fn) with DALI loaders over the datasets' sources and
-    the torch loader's samplers."""
-    import_dali()
-    logger = logging.getLogger(config.MODEL.NAME)
-    sampler_val = ShardSampler(len(dataset_val), rank, world_size, shuffle=config.TEST.SHUFFLE, seed=config.SEED)
-    loader_val = DaliLoader(config, dataset_val, sampler_val, is_train=False, rank=rank)
-    logger.info(f'data loader: NVIDIA DALI {loader_val.dali.__version__} on the {loader_val.backend}')
-    if dataset_train is None:
-        return None, loader_val, None
-    if len(dataset_train) < config.DATA.BATCH_SIZE * world_size:
-        raise DataError(f'the training split has {len(dataset_train)} images, fewer than one batch of '
-                        f'{config.DATA.BATCH_SIZE} on each of {world_size} ranks; lower --batch-size')
-    sampler_train = TrainSampler(dataset_train, world_size, rank, seed=config.SEED)
-    loader_train = DaliLoader(config, dataset_train, sampler_train, is_train=True, rank=rank)
-    return loader_train, loader_val, build_mixup(config)
+def describe() -> str:
+    """The log line's name of this loader (DataError when DALI is not importable)."""
+    device = f'GPU (mixed decoding, cuda:{torch.cuda.current_device()})' if torch.cuda.is_available() else 'CPU'
+    return f'NVIDIA DALI {import_dali().__version__} on the {device}'
