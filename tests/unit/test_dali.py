@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from config import ConfigError, default_config, validate_config
+from config import ConfigError, default_config
 from data import DataError, build_loader
 from data.build import build_loaders
 from data.dali_loader import DaliLoader, parse_rand_augment
 from data.samplers import ShardSampler, TrainSampler
 from data.sources import FolderSource
 from data.transforms import EvalTransform
+from helpers.configs import data_config
 from helpers.images import write_photo_folder
 
 needs_dali = pytest.mark.skipif(importlib.util.find_spec('nvidia.dali') is None,
@@ -30,22 +31,9 @@ def data_root(tmp_path_factory):
 
 
 def _config(root, **overrides):
-    config = default_config()
-    config.DATA.DATA_PATH = root
-    config.DATA.IMG_SIZE = 64
-    config.DATA.BATCH_SIZE = 4
-    config.DATA.NUM_WORKERS = 1
-    config.DATA.LOADER = 'dali'
-    config.AUG.AUTO_AUGMENT = 'none'  # building RandAugment's graph takes ~1 s; on where tested
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split('.')
-        for part in path:
-            node = node[part]
-        node[last] = value
-    validate_config(config)
-    config.freeze()
-    return config
+    # building RandAugment's graph takes ~1 s; on where tested
+    return data_config(root, **{'DATA.NUM_WORKERS': 1, 'DATA.LOADER': 'dali', 'AUG.AUTO_AUGMENT': 'none',
+                                **overrides})
 
 
 class IndexSource(FolderSource):

@@ -14,13 +14,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from config import ConfigError, default_config, validate_config
+from config import ConfigError
 from data import DataError, DevicePreprocessor, build_loader, build_mixup
 from data.build import build_dataset
 from data.decode import decode_rgb
 from data.samplers import ShardSampler, TrainSampler
 from data.sources import CachedSource, FolderSource, ZipSource
 from data.transforms import EvalTransform, TrainTransform
+from helpers.configs import data_config
 from helpers.images import CLASSES, photo, write_photo_folder, write_split
 
 
@@ -49,20 +50,7 @@ def zip_root(data_root, tmp_path_factory):
 
 
 def _config(root, **overrides):
-    config = default_config()
-    config.DATA.DATA_PATH = root
-    config.DATA.IMG_SIZE = 64
-    config.DATA.BATCH_SIZE = 4
-    config.DATA.NUM_WORKERS = 0
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split('.')
-        for part in path:
-            node = node[part]
-        node[last] = value
-    validate_config(config)
-    config.freeze()
-    return config
+    return data_config(root, **overrides)
 
 
 # --- sources -----------------------------------------------------------------------------

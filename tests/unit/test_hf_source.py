@@ -14,13 +14,13 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from torch.utils.data import DataLoader
 
-from config import default_config, validate_config
 from data import DataError, build_loader
 from data.build import build_dataset
 from data.decode import DecodeError, decode_rgb
 from data.hf_source import HFSource
 from data.samplers import ShardSampler
 from data.sources import FolderSource
+from helpers.configs import data_config
 from helpers.runs import N_VAL
 
 CLASSES = ['class0', 'class1', 'class2']
@@ -73,18 +73,7 @@ def _pixels(source, indices=None) -> list:
 
 
 def _config(root, **overrides):
-    config = default_config()
-    config.DATA.DATASET = 'hf'
-    config.DATA.DATA_PATH = root
-    config.DATA.IMG_SIZE = 32
-    config.DATA.BATCH_SIZE = 4
-    config.DATA.NUM_WORKERS = 0
-    for key, value in overrides.items():
-        section, name = key.split('.')
-        config[section][name] = value
-    validate_config(config)
-    config.freeze()
-    return config
+    return data_config(root, **{'DATA.DATASET': 'hf', 'DATA.IMG_SIZE': 32, **overrides})
 
 
 # --- samples and classes -----------------------------------------------------------------

@@ -12,28 +12,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from config import default_config, set_key, validate_config
 from data import DataError, build_loader
 from data.build import build_dataset
 from data.samplers import ShardSampler, TrainSampler
 from data.shards import ShardSource, shard_paths
 from data.sources import FolderSource
+from helpers.configs import data_config
 from helpers.images import CLASSES, write_photo_folder
 from tools.make_shards import main as make_shards_main
 
 
 def _config(root, **overrides):
-    config = default_config()
-    config.DATA.DATA_PATH = root
-    config.DATA.DATASET = 'wds'
-    config.DATA.IMG_SIZE = 64
-    config.DATA.BATCH_SIZE = 4
-    config.DATA.NUM_WORKERS = 0
-    for key, value in overrides.items():
-        set_key(config, key, value)
-    validate_config(config)
-    config.freeze()
-    return config
+    return data_config(root, **{'DATA.DATASET': 'wds', **overrides})
 
 
 @pytest.fixture(scope='module')
