@@ -145,10 +145,8 @@ class _Feed:
         return encoded, labels, sizes, anchors
 
     def _geometry(self, data) -> tuple[np.ndarray, np.ndarray]:
-        t = self.eval_transform
         width, height = image_size(data)
-        out_h, out_w = t._resized_shape(height, width)
-        top, left = (int(round((out_h - t.size) / 2.0)), int(round((out_w - t.size) / 2.0))) if t.crop else (0, 0)
+        out_h, out_w, top, left = self.eval_transform.geometry(height, width)
         return np.array([out_h, out_w], dtype=np.float32), np.array([top, left], dtype=np.int32)
 
 

@@ -200,15 +200,21 @@ class EvalTransform:
                 return _planar(image)
             return resize_uint8(image, (0, 0, *image.shape[:2]), (self.size, self.size), self.interpolation)
         width, height = image_size(data)
-        out_h, out_w = self._resized_shape(height, width)
+        out_h, out_w, top, left = self.geometry(height, width)
         reduce = _reduction(height, width, out_h, out_w) if self.reduced_decode else 1
         image = decode_rgb(data, reduce)
         image = resize_uint8(image, (0, 0, image.shape[0], image.shape[1]), (out_h, out_w), self.interpolation)
-        if self.crop:  # torchvision CenterCrop offsets
-            top = int(round((out_h - self.size) / 2.0))
-            left = int(round((out_w - self.size) / 2.0))
+        if self.crop:
             image = image[:, top:top + self.size, left:left + self.size]
         return image
+
+    def geometry(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(resized height, width, crop top, left) of an image of that size (the crop offsets
+        torchvision's CenterCrop takes; 0, 0 without TEST.CROP)."""
+        out_h, out_w = self._resized_shape(height, width)
+        if not self.crop:
+            return out_h, out_w, 0, 0
+        return out_h, out_w, int(round((out_h - self.size) / 2.0)), int(round((out_w - self.size) / 2.0))
 
 
 def build_transform(is_train: bool, config):
