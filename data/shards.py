@@ -21,7 +21,7 @@ import numpy as np
 
 from utils import DataError, atomic_write
 
-from .sources import SampleTable, Source
+from .sources import ProcessFiles, SampleTable, Source
 
 IMAGE_KEYS = ('jpg', 'jpeg', 'png', 'webp')  # the member extensions that hold the image
 CLASSES_FILE = 'classes.txt'  # class names in label order, one per line (tools/make_shards.py)
@@ -316,22 +316,10 @@ class ShardSource(Source):
             where = int(np.argmax(self.samples.labels))
             raise DataError(f"{self.describe(where)} has class index {self.samples.labels[where]}, outside the "
                             f"{len(self.classes)} classes of '{os.path.join(classes_root, CLASSES_FILE)}'")
-        self._files: dict[int, int] = {}
-        self._pid = -1
+        self._files = ProcessFiles()
 
     def read(self, index: int) -> bytes:
-        if self._pid != os.getpid():  # descriptors are per process (forked loader workers)
-            self._files, self._pid = {}, os.getpid()
-        shard = int(self.shard[index])
-        fd = self._files.get(shard)
-        if fd is None:
-            fd = self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
-        return os.pread(fd, int(self.sizes[index]), int(self.offsets[index]))
+        return self._files.pread(self.paths[int(self.shard[index])], int(self.sizes[index]), int(self.offsets[index]))
 
     def describe(self, index: int) -> str:
         return f'{self.paths[int(self.shard[index])]}:{self.samples.name(index)}'
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state['_files'], state['_pid'] = {}, -1
-        return state

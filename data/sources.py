@@ -360,6 +360,47 @@ def _zipinfo_name(raw: bytes, flags: int) -> bytes:
     return name.encode('utf-8', 'surrogateescape')
 
 
+class ProcessFiles:
+    """Read-only descriptors of files, opened on first use in each process (the parent's are
+    not used across the fork into loader workers) and read with positioned reads, which are
+    thread-safe (CachedSource reads in threads). Pickles empty."""
+
+    def __init__(self):
+        self._fds: dict[str, int] = {}
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def _fd(self, path: str) -> int:
+        if self._pid != os.getpid():  # forked
+            self._fds, self._pid, self._lock = {}, os.getpid(), threading.Lock()
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, 'O_BINARY', 0))
+        return fd
+
+    def pread(self, path: str, size: int, offset: int) -> bytes:
+        fd = self._fd(path)
+        if hasattr(os, 'pread'):
+            return os.pread(fd, size, offset)
+        with self._lock:  # no pread (Windows): seek and read under the lock
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.read(fd, size)
+
+    def __del__(self):
+        if getattr(self, '_pid', None) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
 class ZipSource(Source):
     """Official zip layout: `<split>.zip` holding the images and `<split>_map.txt` beside it.
 
@@ -393,31 +434,16 @@ class ZipSource(Source):
         self._method, self._flags = np.ascontiguousarray(table['method']), np.ascontiguousarray(table['flags'])
         self._crc = np.ascontiguousarray(table['crc'])
         self.num_classes = int(self.samples.labels.max()) + 1
-        self._fd, self._handle, self._pid = -1, None, -1
-        self._open_lock = threading.Lock()
-
-    def _file(self) -> int:
-        """This process's descriptor (os.pread is thread-safe; CachedSource reads in threads)."""
-        if self._pid != os.getpid():
-            with self._open_lock:
-                if self._pid != os.getpid():
-                    self._fd, self._handle = os.open(self.zip_path, os.O_RDONLY | getattr(os, 'O_BINARY', 0)), None
-                    self._pid = os.getpid()
-        return self._fd
+        self._files = ProcessFiles()
+        self._handle: tuple[int, zipfile.ZipFile] | None = None  # (pid, handle) for zipfile's own reads
 
     def _pread(self, size: int, offset: int) -> bytes:
-        fd = self._file()
-        if hasattr(os, 'pread'):
-            return os.pread(fd, size, offset)
-        with self._open_lock:  # no pread (Windows): seek and read under the lock
-            os.lseek(fd, offset, os.SEEK_SET)
-            return os.read(fd, size)
+        return self._files.pread(self.zip_path, size, offset)
 
     def _zipfile_read(self, index: int) -> bytes:
-        if self._handle is None:
-            self._file()
-            self._handle = zipfile.ZipFile(self.zip_path)
-        return self._handle.read(self.samples.name(index))
+        if self._handle is None or self._handle[0] != os.getpid():  # a handle is per process
+            self._handle = (os.getpid(), zipfile.ZipFile(self.zip_path))
+        return self._handle[1].read(self.samples.name(index))
 
     def read(self, index: int) -> bytes:
         method, flags = int(self._method[index]), int(self._flags[index])
@@ -455,19 +481,8 @@ class ZipSource(Source):
     def describe(self, index: int) -> str:
         return f'{self.zip_path}@/{self.samples.name(index)}'
 
-    def __del__(self):
-        if getattr(self, '_fd', -1) >= 0 and self._pid == os.getpid():
-            os.close(self._fd)
-
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state['_fd'], state['_handle'], state['_pid'] = -1, None, -1
-        del state['_open_lock']
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._open_lock = threading.Lock()
+        return dict(self.__dict__, _handle=None)
 
 
 class ListSource(Source):
