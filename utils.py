@@ -140,6 +140,30 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def write_folder_atomically(target: str, fill: Callable[[str], Any]) -> Any:
+    """`fill(folder)` writes into a temporary sibling of `target` (unique across the nodes
+    sharing a disk), renamed to `target` when complete: a crash never leaves a half-written
+    folder. Returns what `fill` returned, or None when `target` appeared meanwhile (another
+    process renamed its complete copy into place first; this one's is discarded)."""
+    import shutil
+    import socket
+    target = os.path.abspath(target)  # also drops a trailing '/', which would put tmp inside it
+    tmp = f'{target}{TMP_MARK}{socket.gethostname()}-{os.getpid()}'
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed process that had our pid
+    try:
+        os.makedirs(tmp)
+        result = fill(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if os.path.exists(target):
+            return None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a partial tree otherwise
+    return result
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save `obj` to `path` atomically."""
     import torch

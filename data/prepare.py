@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import socket
 
 import numpy as np
 from PIL import Image
+
+from utils import write_folder_atomically
 
 DIGITS_CLASSES = tuple(str(c) for c in range(10))  # folder names, also the labels' order
 DIGITS_IMAGE_SIZE = 32  # the 8x8 scans upscaled 4x, big enough for a micro Swin's patches and windows
@@ -69,19 +69,10 @@ def prepare_dataset(name: str, root: str, logger: logging.Logger | None = None) 
         raise ValueError(f"unknown dataset to prepare '{name}' (known: {', '.join(sorted(_WRITERS))})")
     if os.path.exists(root):
         return False
-    target = os.path.abspath(root)  # also drops a trailing '/', which would put tmp inside root
-    tmp = f'{target}.tmp-{socket.gethostname()}-{os.getpid()}'  # unique across nodes sharing a disk
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed process that had our pid
-    try:
-        counts = _WRITERS[name](tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if os.path.exists(target):
-            return False  # another process renamed its complete copy into place first
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a partial tree otherwise
+    counts = write_folder_atomically(root, _WRITERS[name])
+    if counts is None:
+        return False  # another process renamed its complete copy into place first
     if logger is not None:
-        logger.info(f"prepared {name}: {counts['train']} train / {counts['val']} val images in {target}")
+        logger.info(f"prepared {name}: {counts['train']} train / {counts['val']} val images in "
+                    f"{os.path.abspath(root)}")
     return True

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,7 +23,7 @@ from PIL import Image
 
 from data.shards import CLASSES_FILE
 from data.sources import FolderSource, Source, ZipSource
-from utils import DataError
+from utils import DataError, write_folder_atomically
 
 KEPT_FORMATS = {'.jpg': 'jpg', '.jpeg': 'jpg', '.png': 'png', '.webp': 'webp'}
 
@@ -77,23 +75,20 @@ def make_shards(data_path: str, out_dir: str, splits, zipped: bool, maxcount: in
     names = {split: s.classes for split, s in sources.items() if s.classes}
     if len({tuple(c) for c in names.values()}) > 1:
         raise DataError(f"the class folders of {' and '.join(names)} in '{data_path}' differ; labels would not match")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix='.shards-', dir=parent)
-    os.chmod(work, 0o755)  # mkdtemp's folder is private; the shards are a dataset like any other
-    try:
+
+    def fill(folder: str) -> dict:
         written = {}
         for split, source in sources.items():
-            shards = write_split(source, os.path.join(work, f'{split}-%06d.tar'), maxcount, maxsize)
+            shards = write_split(source, os.path.join(folder, f'{split}-%06d.tar'), maxcount, maxsize)
             written[split] = (len(source), shards)
         classes = next((s.classes for s in sources.values() if s.classes), None)
         if classes:
-            with open(os.path.join(work, CLASSES_FILE), 'w', encoding='utf-8') as f:
+            with open(os.path.join(folder, CLASSES_FILE), 'w', encoding='utf-8') as f:
                 f.write(''.join(name + '\n' for name in classes))
-        os.rename(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        return written
+    written = write_folder_atomically(out_dir, fill)
+    if written is None:
+        raise DataError(f"'{out_dir}' was created by another process while the shards were written")
     return written
 
 

@@ -198,7 +198,7 @@ def test_make_shards_bad_input_is_one_line_exit_2(data_root, tmp_path, capsys):
     assert make_shards_main([data_root, str(tmp_path / 'exists')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'exists' in err[0]
-    assert not [p for p in os.listdir(tmp_path) if p.startswith('.shards-')]  # nothing half-written left
+    assert not [p for p in os.listdir(tmp_path) if '.tmp-' in p]  # nothing half-written left
 
 
 # --- shards by pattern and URL -----------------------------------------------------------
