@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from config import mixup_active
 
-from .datasets import ImageDataset, SyntheticDataset
+from .datasets import ImageDataset, SyntheticDataset, collate_channels_last
 from .samplers import ShardSampler, TrainSampler, shard_bounds
 from .sources import CachedSource, DataError, FolderSource, ListSource, Source, ZipSource
 from .transforms import build_transform
@@ -94,7 +94,7 @@ def _loader(dataset, sampler, config, is_train: bool, rank: int) -> DataLoader:
     generator = torch.Generator().manual_seed(config.SEED + rank)
     return DataLoader(dataset, batch_size=config.DATA.BATCH_SIZE, sampler=sampler, num_workers=workers,
                       pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
-                      drop_last=is_train, generator=generator, **extra)
+                      drop_last=is_train, generator=generator, collate_fn=collate_channels_last, **extra)
 
 
 def _check_same_classes(dataset_train, dataset_val) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from utils import DataError
 
@@ -131,6 +131,15 @@ class ImageDataset(Dataset):
             raise DataError(f"{count} unreadable images (the last: '{where}') exceed "
                             f"DATA.MAX_CORRUPT_FRACTION of this rank's share of {len(self)} images; "
                             f"fix or remove them")
+
+
+def collate_channels_last(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loaders' collate: (image (3, S, S), label) samples -> (uint8 (B, 3, S, S), labels),
+    the images stacked in channels-last memory, the layout the transforms write, so stacking
+    is plain copies (into shared memory in a loader worker, as default_collate does). The
+    device preprocessor makes the batch contiguous once it is on the device."""
+    images, labels = default_collate([(image.permute(1, 2, 0), label) for image, label in samples])
+    return images.permute(0, 3, 1, 2), labels
 
 
 class SyntheticDataset(Dataset):

@@ -22,7 +22,9 @@ class DevicePreprocessor:
             self.erase = BatchRandomErasing(config.AUG.REPROB, mode=config.AUG.REMODE, max_count=config.AUG.RECOUNT)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, non_blocking=True)
+        # loader batches are channels-last (datasets.collate_channels_last); the model takes
+        # contiguous images, made here on the uint8 batch, the cheapest place
+        images = images.to(self.device, non_blocking=True).contiguous()
         targets = targets.to(self.device, non_blocking=True)
         # the same three operations as ToTensor + Normalize, so the values match exactly
         images = images.float().div_(255).sub_(self.mean).div_(self.std)

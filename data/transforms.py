@@ -67,26 +67,29 @@ def _mode_name(interpolation) -> str:
 def resize_uint8(image: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int],
                  interpolation: str) -> torch.Tensor:
     """Crop `box` = (top, left, height, width) of an (H, W, 3) uint8 image and resize it to
-    `size` = (height, width), antialiased as PIL does when shrinking. Returns a planar
-    (3, height, width) tensor, the layout torch's kernel writes fastest from a crop view."""
+    `size` = (height, width), antialiased as PIL does when shrinking. Returns a (3, height,
+    width) tensor in channels-last memory (a view of (height, width, 3) pixels): torch's
+    uint8 kernels resample that layout fastest, PIL takes it without a copy per plane and
+    the loader's collate stacks it with plain copies (`datasets.collate_channels_last`)."""
     top, left, height, width = box
-    planes = torch.from_numpy(image).permute(2, 0, 1)[:, top:top + height, left:left + width]
+    pixels = torch.from_numpy(image)[top:top + height, left:left + width]
     if (height, width) == tuple(size):
-        return planes.contiguous()
+        return _planar(pixels)
     if interpolation not in _TORCH_MODES:  # nearest, lanczos, ...: PIL, as the official pipeline
         crop = Image.fromarray(np.ascontiguousarray(image[top:top + height, left:left + width]))
         return _planar(np.array(crop.resize(size[::-1], str_to_pil_interp(interpolation))))
-    out = F.interpolate(planes.unsqueeze(0), size=size, mode=interpolation, antialias=True, align_corners=False)
-    return out[0].contiguous()
+    crop = pixels.unsqueeze(0).permute(0, 3, 1, 2)  # (1, 3, h, w) with channels-last strides
+    out = F.interpolate(crop, size=size, mode=interpolation, antialias=True, align_corners=False)
+    return out[0]
 
 
-def _planar(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) array -> (3, H, W) tensor (a view: the loader's collate copies it anyway)."""
-    return torch.from_numpy(image).permute(2, 0, 1)
+def _planar(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) pixels -> (3, H, W) tensor, a channels-last view of them (no copy)."""
+    return (torch.from_numpy(image) if isinstance(image, np.ndarray) else image).permute(2, 0, 1)
 
 
-def _to_pil(planes: torch.Tensor) -> Image.Image:
-    return Image.merge('RGB', [Image.fromarray(p) for p in planes.contiguous().numpy()])
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
 
 
 def _reduction(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
@@ -166,9 +169,7 @@ class TrainTransform:
             pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if vflip:
             pil = pil.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-        # planes straight from PIL: collating (3, H, W) views of (H, W, 3) arrays would cost
-        # a transposing copy per image
-        return torch.from_numpy(np.stack([np.asarray(band) for band in self.augment(pil).split()]))
+        return _planar(np.array(self.augment(pil)))
 
 
 class EvalTransform:

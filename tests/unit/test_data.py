@@ -138,8 +138,11 @@ def test_train_and_eval_shapes_and_ranges(data_root):
         images, labels = next(iter(loader))
         assert images.dtype == torch.uint8 and images.shape == (4, 3, 64, 64)
         assert labels.dtype == torch.int64
+        # batches travel channels-last (plain copies when stacking) and arrive contiguous
+        assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
         prep = DevicePreprocessor(config, torch.device('cpu'), is_train=False)
         x, y = prep(images, labels)
+        assert x.is_contiguous()
         mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
         low, high = (-mean / std).view(1, 3, 1, 1), ((1 - mean) / std).view(1, 3, 1, 1)
         assert x.dtype == torch.float32 and bool(((x >= low - 1e-6) & (x <= high + 1e-6)).all())
