@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from utils import CheckpointError
 
+from .simmim_weights import from_simmim, geometric_resize_bias_table, is_simmim_layout
 from .weights import is_derived, mismatch_error
 
 HEAD_KEYS = ('head.weight', 'head.bias')
@@ -27,17 +28,20 @@ _TIMM_DOWNSAMPLE = re.compile(r'^layers\.(\d+)\.downsample\.')
 @dataclass
 class LoadReport:
     """What `fit_weights` did, for the log and for tests."""
-    source_format: str                              # 'official' or 'timm'
+    source_format: str                              # 'official', 'timm' or 'simmim'
     loaded: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)     # 'key: old shape -> new shape'
-    head: str = 'kept'                              # 'kept', 'mapped', 'reinitialized', 'dropped', 'none'
+    head: str = 'kept'  # 'kept', 'mapped', 'reinitialized', 'initialized' (the model's own), 'dropped', 'none'
     rebuilt: list[str] = field(default_factory=list)     # Swin V2 windows whose coordinate tables were rebuilt
+    dropped: list[str] = field(default_factory=list)     # SimMIM's decoder and mask token
 
     def lines(self) -> list[str]:
         parts = sorted({'.'.join(k.split('.')[:2]) if k.startswith('layers.') else k.split('.')[0]
                         for k in self.loaded})
         out = [f'pretrained: {len(self.loaded)} tensors loaded from {self.source_format}-format weights '
                f'({", ".join(parts)}); classifier {self.head}']
+        if self.dropped:
+            out.append(f'pretrained: SimMIM pre-training weights not used by the classifier: {", ".join(self.dropped)}')
         return out + [f'pretrained: resized {r}' for r in self.resized] + [f'pretrained: {r}' for r in self.rebuilt]
 
 
@@ -164,9 +168,10 @@ class _Fitter:
                 and math.isqrt(value.shape[0]) ** 2 == value.shape[0]:
             side = math.isqrt(want.shape[0])
             old = math.isqrt(value.shape[0])
-            self.report.resized.append(f'{key}: {old}x{old} -> {side}x{side} offsets (window '
-                                       f'{(old + 1) // 2} -> {(side + 1) // 2}), bicubic')
-            return resize_bias_table(value, side)
+            simmim = self.report.source_format == 'simmim'  # the official SimMIM fine-tuning's rule
+            self.report.resized.append(f'{key}: {old}x{old} -> {side}x{side} offsets (window {(old + 1) // 2} -> '
+                                       f'{(side + 1) // 2}), {"geometric" if simmim else "bicubic"}')
+            return geometric_resize_bias_table(value, side) if simmim else resize_bias_table(value, side)
         if key == 'absolute_pos_embed' and value.ndim == 3 and value.shape[2] == want.shape[2] \
                 and math.isqrt(value.shape[1]) ** 2 == value.shape[1]:
             grid = _patch_grid(self.model)
@@ -201,6 +206,11 @@ def _fit_head(model: torch.nn.Module, state: dict, out: dict, class_map: str, al
         if class_map:
             raise CheckpointError('MODEL.PRETRAINED_CLASS_MAP is set but the pretrained file has no '
                                   'classifier to select classes from; set it to \'\'')
+        if report.source_format == 'simmim':  # the official SimMIM fine-tuning keeps the new head's init
+            out['head.weight'], out['head.bias'] = own['head.weight'], own['head.bias']
+            report.head = 'initialized'
+            logger.info('classifier: the model\'s own initialization (a SimMIM encoder has no classifier)')
+            return
         file_rows = None
     else:
         w, b = state['head.weight'], state['head.bias']
@@ -243,8 +253,10 @@ def fit_weights(model: torch.nn.Module, state: dict, path: str, logger: logging.
     non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if non_tensors:
         raise CheckpointError(f"'{path}' is not a state dict of tensors (entry {non_tensors[0]})")
-    report = LoadReport('timm' if is_timm_layout(state) else 'official')
-    if report.source_format == 'timm':
+    report = LoadReport('simmim' if is_simmim_layout(state) else 'timm' if is_timm_layout(state) else 'official')
+    if report.source_format == 'simmim':
+        state, report.dropped = from_simmim(state)
+    elif report.source_format == 'timm':
         state = from_timm(state)
     report.rebuilt = rebuilt_coordinate_tables(model, state)
     state = {k: v for k, v in state.items() if not is_derived(k)}

@@ -4,22 +4,43 @@ from __future__ import annotations
 import torch.nn as nn
 from yacs.config import CfgNode
 
+from .simmim import ENCODER_STRIDE, ENCODERS, SimMIM
 from .swin_transformer import SwinTransformer
 from .swin_transformer_v2 import SwinTransformerV2
 
+CLASSIFIERS = {'swin': SwinTransformer, 'swinv2': SwinTransformerV2}
 
-def build_model(config: CfgNode, is_pretrain: bool = False) -> nn.Module:
-    """`is_pretrain` is accepted for signature compatibility with the official code."""
-    model_type = config.MODEL.TYPE.lower()
-    if model_type not in ('swin', 'swinv2'):
-        raise ValueError(f"unknown model type '{model_type}'")  # validate_config rejects it first
+
+def _swin_kwargs(config: CfgNode, model_type: str) -> dict:
+    """The official constructor arguments of a Swin V1 / V2 model from its config section."""
     s = config.MODEL.SWIN if model_type == 'swin' else config.MODEL.SWINV2
-    common = dict(img_size=config.DATA.IMG_SIZE, patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS,
+    kwargs = dict(img_size=config.DATA.IMG_SIZE, patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS,
                   num_classes=config.MODEL.NUM_CLASSES, embed_dim=s.EMBED_DIM, depths=list(s.DEPTHS),
                   num_heads=list(s.NUM_HEADS), window_size=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO,
                   qkv_bias=s.QKV_BIAS, drop_rate=config.MODEL.DROP_RATE,
                   drop_path_rate=config.MODEL.DROP_PATH_RATE, ape=s.APE, patch_norm=s.PATCH_NORM,
                   use_checkpoint=config.TRAIN.USE_CHECKPOINT)
     if model_type == 'swin':
-        return SwinTransformer(qk_scale=s.QK_SCALE, **common)
-    return SwinTransformerV2(pretrained_window_sizes=list(s.PRETRAINED_WINDOW_SIZES), **common)
+        kwargs['qk_scale'] = s.QK_SCALE
+    else:
+        kwargs['pretrained_window_sizes'] = list(s.PRETRAINED_WINDOW_SIZES)
+    return kwargs
+
+
+def _simmim(config: CfgNode, model_type: str) -> SimMIM:
+    """The official SimMIM model: a head-less encoder with a mask token, the 1x1 decoder."""
+    kwargs = dict(_swin_kwargs(config, model_type), num_classes=0)
+    target = config.MODEL.SIMMIM.NORM_TARGET
+    return SimMIM(ENCODERS[model_type](**kwargs), encoder_stride=ENCODER_STRIDE, in_chans=kwargs['in_chans'],
+                  patch_size=kwargs['patch_size'], norm_target=target.ENABLE, norm_target_patch_size=target.PATCH_SIZE)
+
+
+def build_model(config: CfgNode, is_pretrain: bool = False) -> nn.Module:
+    """The classifier MODEL.TYPE names; with `is_pretrain`, the SimMIM model of that
+    backbone (official keys `encoder.*`, `decoder.*`; forward(images, mask) -> loss)."""
+    model_type = config.MODEL.TYPE.lower()
+    if model_type not in CLASSIFIERS:
+        raise ValueError(f"unknown model type '{model_type}'")  # validate_config rejects it first
+    if is_pretrain:
+        return _simmim(config, model_type)
+    return CLASSIFIERS[model_type](**_swin_kwargs(config, model_type))

@@ -530,13 +530,22 @@ class SwinTransformer(FreezableStages, nn.Module):
         grid = F.interpolate(grid, size=(H, W), mode='bicubic', align_corners=False)
         return grid.flatten(2).transpose(1, 2)
 
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
+        """Patch tokens (B, H*W, C) with the position embedding and dropout, and the patch grid
+        H, W. With `mask` (B, H, W) of 0/1 (SimMIM encoders, which own a `mask_token`), the
+        tokens of the patches marked 1 are replaced by the mask token before anything else."""
+        x, H, W = self.patch_embed(x)
+        if mask is not None:
+            weight = mask.flatten(1).unsqueeze(-1).type_as(x)
+            x = x * (1. - weight) + self.mask_token.type_as(x) * weight
+        if self.ape:
+            x = x + self._position_embedding(H, W)
+        return self.pos_drop(x), H, W
+
     def forward_features(self, x: torch.Tensor, return_stages: bool = False):
         """Pooled, normalized features (B, num_features); or, with `return_stages`,
         the list of each stage's output before downsampling as (B, C_i, H_i, W_i)."""
-        x, H, W = self.patch_embed(x)
-        if self.ape:
-            x = x + self._position_embedding(H, W)
-        x = self.pos_drop(x)
+        x, H, W = self.embed(x)
         stages = []
         for layer in self.layers:
             stage_out, x, H2, W2 = layer(x, H, W)
