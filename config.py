@@ -47,6 +47,11 @@ _C.DATA.CACHE_MODE = 'part'
 _C.DATA.PIN_MEMORY = True
 # Number of data loading worker processes
 _C.DATA.NUM_WORKERS = 8
+# [SimMIM] Pre-training masks the image in squares of this many pixels (a multiple of the
+# model's patch size that divides DATA.IMG_SIZE) ...
+_C.DATA.MASK_PATCH_SIZE = 32
+# [SimMIM] ... and masks this fraction of the squares
+_C.DATA.MASK_RATIO = 0.6
 # [New] Batches each worker prepares ahead of use
 _C.DATA.PREFETCH_FACTOR = 2
 # [New] Decode JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling) when the crop would still be at
@@ -76,7 +81,9 @@ _C.DATA.LOADER = 'torch'
 # Model settings
 # -----------------------------------------------------------------------------
 _C.MODEL = CN()
-# Model type: swin (V1, MODEL.SWIN) or swinv2 (V2, MODEL.SWINV2)
+# Model type, read from its section: swin (V1, MODEL.SWIN), swinv2 (V2, MODEL.SWINV2) or
+# swin_mlp (Swin-MLP, MODEL.SWIN_MLP); swin_moe (MODEL.SWIN_MOE) is accepted in YAML files but
+# stops validation: Swin-MoE is not implemented yet. SimMIM pre-training uses swin or swinv2.
 _C.MODEL.TYPE = 'swin'
 # Model name (names the output folder)
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
@@ -124,6 +131,75 @@ _C.MODEL.SWINV2.QKV_BIAS = True
 _C.MODEL.SWINV2.APE = False
 _C.MODEL.SWINV2.PATCH_NORM = True
 _C.MODEL.SWINV2.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+
+# Swin-MoE parameters: accepted for official YAML compatibility; Swin-MoE is not implemented
+# yet, so MODEL.TYPE swin_moe stops at validation and none of these keys has an effect here
+_C.MODEL.SWIN_MOE = CN()
+_C.MODEL.SWIN_MOE.PATCH_SIZE = 4
+_C.MODEL.SWIN_MOE.IN_CHANS = 3
+_C.MODEL.SWIN_MOE.EMBED_DIM = 96
+_C.MODEL.SWIN_MOE.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN_MOE.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN_MOE.WINDOW_SIZE = 7
+_C.MODEL.SWIN_MOE.MLP_RATIO = 4.
+_C.MODEL.SWIN_MOE.QKV_BIAS = True
+_C.MODEL.SWIN_MOE.QK_SCALE = None
+_C.MODEL.SWIN_MOE.APE = False
+_C.MODEL.SWIN_MOE.PATCH_NORM = True
+# Bias in the second layer of the dense and expert MLPs
+_C.MODEL.SWIN_MOE.MLP_FC2_BIAS = True
+# Std of the truncated-normal weight initialization
+_C.MODEL.SWIN_MOE.INIT_STD = 0.02
+_C.MODEL.SWIN_MOE.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+# Per stage, the indices of the blocks whose MLP is a mixture of experts ([-1]: none)
+_C.MODEL.SWIN_MOE.MOE_BLOCKS = [[-1], [-1], [-1], [-1]]
+# Experts per GPU; a negative -n shares one expert among n GPUs
+_C.MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS = 1
+# Experts each token is routed to (top-k)
+_C.MODEL.SWIN_MOE.TOP_VALUE = 1
+# Tokens an expert takes, as a multiple of an even share
+_C.MODEL.SWIN_MOE.CAPACITY_FACTOR = 1.25
+# Cosine router (with its projection size and initial temperature below) instead of a linear one
+_C.MODEL.SWIN_MOE.COSINE_ROUTER = False
+# Normalize the top-k gate values to sum to 1
+_C.MODEL.SWIN_MOE.NORMALIZE_GATE = False
+# Batch prioritized routing: tokens with the highest gate values claim capacity first
+_C.MODEL.SWIN_MOE.USE_BPR = True
+# GShard's load-balancing loss instead of the Switch Transformer's
+_C.MODEL.SWIN_MOE.IS_GSHARD_LOSS = False
+# Scale of the noise added to the router's logits in training
+_C.MODEL.SWIN_MOE.GATE_NOISE = 1.0
+_C.MODEL.SWIN_MOE.COSINE_ROUTER_DIM = 256
+_C.MODEL.SWIN_MOE.COSINE_ROUTER_INIT_T = 0.5
+# Dropout inside the experts
+_C.MODEL.SWIN_MOE.MOE_DROP = 0.0
+# Weight of the load-balancing loss added to the classification loss
+_C.MODEL.SWIN_MOE.AUX_LOSS_WEIGHT = 0.01
+
+# Swin-MLP parameters (MODEL.TYPE swin_mlp): window attention is replaced by a grouped spatial
+# MLP over each window, NUM_HEADS groups per stage (the channels of a group: the "C" of
+# swin_mlp_tiny_c24)
+_C.MODEL.SWIN_MLP = CN()
+_C.MODEL.SWIN_MLP.PATCH_SIZE = 4
+_C.MODEL.SWIN_MLP.IN_CHANS = 3
+_C.MODEL.SWIN_MLP.EMBED_DIM = 96
+_C.MODEL.SWIN_MLP.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN_MLP.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN_MLP.WINDOW_SIZE = 7
+_C.MODEL.SWIN_MLP.MLP_RATIO = 4.
+_C.MODEL.SWIN_MLP.APE = False
+_C.MODEL.SWIN_MLP.PATCH_NORM = True
+
+# [SimMIM] Pre-training's pixel targets: each pixel normalized by the mean and variance of the
+# PATCH_SIZE x PATCH_SIZE window around it (odd size) when ENABLE, else the raw pixels
+_C.MODEL.SIMMIM = CN()
+# [New] Run SimMIM pre-training: the SimMIM model of the swin / swinv2 backbone
+# (build_model(config, is_pretrain=True)) on masked images, no labels. The official code has a
+# separate script for it (main_simmim_pt.py) instead of a key
+_C.MODEL.SIMMIM.PRETRAIN = False
+_C.MODEL.SIMMIM.NORM_TARGET = CN()
+_C.MODEL.SIMMIM.NORM_TARGET.ENABLE = False
+_C.MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE = 47
 
 # -----------------------------------------------------------------------------
 # Training settings
@@ -201,6 +277,11 @@ _C.TRAIN.OPTIMIZER.TRUST_CLIP = False
 # Layer-wise LR decay for fine-tuning
 _C.TRAIN.LAYER_DECAY = 1.0
 
+# Swin-MoE training: accepted for official YAML compatibility; Swin-MoE is not implemented yet
+_C.TRAIN.MOE = CN()
+# Save the checkpoint from rank 0 only (the dense baselines) rather than every rank's experts
+_C.TRAIN.MOE.SAVE_MASTER = False
+
 # [New] Model EMA: an exponential moving average of the weights, updated after every
 # optimizer update, validated each epoch beside the model and saved in checkpoints
 _C.TRAIN.EMA = CN()
@@ -256,6 +337,9 @@ _C.TEST.SHUFFLE = False
 # -----------------------------------------------------------------------------
 # Misc
 # -----------------------------------------------------------------------------
+# [SimMIM] The official SimMIM scripts' AMP switch (flag --enable-amp; off by default there).
+# Accepted for compatibility: this framework's runs, SimMIM included, use AMP_ENABLE
+_C.ENABLE_AMP = False
 # Enable torch automatic mixed precision
 _C.AMP_ENABLE = True
 # [New] AMP compute dtype: bf16 (no loss scaling needed) or fp16 (with a gradient scaler)
@@ -294,9 +378,13 @@ _C.LOCAL_RANK = 0
 _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
 
-MODEL_TYPES = ('swin', 'swinv2')
+MODEL_TYPES = ('swin', 'swinv2', 'swin_mlp', 'swin_moe')
 # the config section holding each model type's architecture
-ARCH_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2'}
+ARCH_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_mlp': 'SWIN_MLP', 'swin_moe': 'SWIN_MOE'}
+# types whose keys load (so the official YAML files do) but whose model this framework lacks
+NOT_IMPLEMENTED_TYPES = {'swin_moe': 'Swin-MoE'}
+# the backbones SimMIM pre-training wraps (build_model(config, is_pretrain=True))
+PRETRAIN_TYPES = ('swin', 'swinv2')
 # the official names fused_adam / fused_lamb (apex's FusedAdam / FusedLAMB there): torch's
 # fused AdamW, and LAMB with FusedLAMB's own gradient-norm clip at 1.0
 OPTIMIZERS = ('adamw', 'sgd', 'lamb', 'lars', 'fused_adam', 'fused_lamb')
@@ -486,6 +574,8 @@ _SWITCH_FLAGS = {
     'throughput': ('THROUGHPUT_MODE', True),
     'fused_window_process': ('FUSED_WINDOW_PROCESS', True),
     'fused_layernorm': ('FUSED_LAYERNORM', True),
+    'enable_amp': ('ENABLE_AMP', True),
+    'simmim_pretrain': ('MODEL.SIMMIM.PRETRAIN', True),
 }
 
 
@@ -546,6 +636,10 @@ def _check_non_negative(value: Any, key: str) -> None:
 def validate_config(config: CN) -> None:
     """Reject values that would fail later, deep inside model or data code."""
     _check_choice(config.MODEL.TYPE, MODEL_TYPES, 'MODEL.TYPE')
+    model_type = str(config.MODEL.TYPE).lower()
+    _check(model_type not in NOT_IMPLEMENTED_TYPES,
+           f"MODEL.TYPE '{config.MODEL.TYPE}': {NOT_IMPLEMENTED_TYPES.get(model_type)} is not implemented yet "
+           f"(its config keys are accepted so the official files load); use swin, swinv2 or swin_mlp")
     _check(bool(config.MODEL.NAME.strip()), 'MODEL.NAME must not be empty: it names the output folder')
     _check(bool(config.TAG.strip()), 'TAG must not be empty: it names the output folder')
     _check_positive(config.DATA.IMG_SIZE, 'DATA.IMG_SIZE')
@@ -581,6 +675,7 @@ def validate_config(config: CN) -> None:
     _check(config.PRINT_FREQ >= 1, f"PRINT_FREQ must be >= 1 (steps), got {config.PRINT_FREQ}")
     _check_choice(config.AMP_DTYPE, AMP_DTYPES, 'AMP_DTYPE')
     _check(0.0 <= config.TRAIN.EMA.DECAY < 1.0, f"TRAIN.EMA.DECAY must be in [0, 1), got {config.TRAIN.EMA.DECAY}")
+    _validate_simmim(config)
     arch, section = model_arch(config)
     stages = len(arch.DEPTHS)
     _check(0 <= config.TRAIN.FREEZE_STAGES <= stages,
@@ -591,17 +686,49 @@ def validate_config(config: CN) -> None:
     _check(config.DATA.IMG_SIZE >= arch.PATCH_SIZE,
            f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is smaller than one patch ({section}.PATCH_SIZE "
            f"{arch.PATCH_SIZE}); nothing would be left to attend to")
+    if config.MODEL.SIMMIM.PRETRAIN:  # after the architecture checks: PATCH_SIZE is positive here
+        validate_pretrain_config(config)
+
+
+def _validate_simmim(config: CN) -> None:
+    """SimMIM keys that are wrong whatever the run (the pre-training-only checks are in
+    validate_pretrain_config)."""
+    _check_positive(config.DATA.MASK_PATCH_SIZE, 'DATA.MASK_PATCH_SIZE')
+    _check(0.0 <= config.DATA.MASK_RATIO < 1.0, f"DATA.MASK_RATIO must be in [0, 1), got {config.DATA.MASK_RATIO}")
+    target = config.MODEL.SIMMIM.NORM_TARGET
+    _check(not target.ENABLE or (target.PATCH_SIZE > 0 and target.PATCH_SIZE % 2 == 1),
+           f"MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE must be a positive odd size (the window centred on each "
+           f"pixel), got {target.PATCH_SIZE}")
+
+
+def validate_pretrain_config(config: CN) -> None:
+    """What SimMIM pre-training needs beyond validate_config: a swin / swinv2 backbone and a mask
+    grid that tiles the image and is made of whole model patches (as the official mask generator
+    asserts)."""
+    _check(str(config.MODEL.TYPE).lower() in PRETRAIN_TYPES,
+           f"SimMIM pre-training needs MODEL.TYPE {' or '.join(PRETRAIN_TYPES)}, got '{config.MODEL.TYPE}'")
+    _check(not config.EVAL_MODE, '--eval scores a classifier; SimMIM pre-training reports its reconstruction '
+           'loss on the validation images every epoch (drop --simmim-pretrain to evaluate a fine-tuned model)')
+    arch, section = model_arch(config)
+    img, mask = config.DATA.IMG_SIZE, config.DATA.MASK_PATCH_SIZE
+    _check(img % mask == 0, f"DATA.IMG_SIZE {img} must be a multiple of DATA.MASK_PATCH_SIZE {mask} for SimMIM")
+    _check(mask % arch.PATCH_SIZE == 0, f"DATA.MASK_PATCH_SIZE {mask} must be a multiple of {section}.PATCH_SIZE "
+           f"{arch.PATCH_SIZE} for SimMIM (the mask covers whole patches)")
 
 
 def model_arch(config: CN) -> tuple[CN, str]:
-    """The architecture section MODEL.TYPE reads (MODEL.SWIN or MODEL.SWINV2) and its name."""
+    """The architecture section MODEL.TYPE reads (MODEL.SWIN, MODEL.SWINV2, MODEL.SWIN_MLP or
+    MODEL.SWIN_MOE) and its name."""
     name = ARCH_SECTIONS[str(config.MODEL.TYPE).lower()]
     return config.MODEL[name], f'MODEL.{name}'
 
 
 def mixup_active(config: CN) -> bool:
-    """Whether mixup or cutmix is on (either alpha > 0, or a cutmix min/max ratio)."""
+    """Whether mixup or cutmix is on (either alpha > 0, or a cutmix min/max ratio); never in
+    SimMIM pre-training, which has no labels to mix (the official SimMIM transform has none)."""
     aug = config.AUG
+    if config.MODEL.SIMMIM.PRETRAIN:
+        return False
     return aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
 
 

@@ -74,14 +74,25 @@ def test_config_tree_is_searched_recursively():
     assert any('/' in n for n in names), f'no YAML in a subfolder found: {sorted(names)}'
 
 
-@pytest.mark.parametrize('path', ALL_YAMLS, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+# Swin-MoE is not implemented: its official files load but stop at validation
+# (tests/unit/test_official_configs.py checks their values and that one-line error)
+BUILDABLE_YAMLS = [p for p in ALL_YAMLS if p.parent.name != 'swinmoe']
+
+
+def test_only_swin_moe_yamls_are_left_out():
+    left_out = {p.parent.name for p in ALL_YAMLS} - {p.parent.name for p in BUILDABLE_YAMLS}
+    assert left_out == {'swinmoe'}
+
+
+@pytest.mark.parametrize('path', BUILDABLE_YAMLS, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_every_shipped_yaml_loads_frozen(path):
     cfg = load(path)
     assert isinstance(cfg.MODEL.NAME, str) and cfg.MODEL.NAME.strip()
     assert cfg.is_frozen()
     with pytest.raises(AttributeError):
         cfg.TRAIN.EPOCHS = 1
-    assert cfg.OUTPUT == os.path.join('output', cfg.MODEL.NAME, 'default')
+    # OUTPUT/MODEL.NAME/TAG; the official SimMIM files set their own TAG
+    assert cfg.OUTPUT == os.path.join('output', cfg.MODEL.NAME, yaml.safe_load(path.read_text()).get('TAG', 'default'))
 
 
 def test_swin_tiny_yaml_values():
