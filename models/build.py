@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch.nn as nn
 from yacs.config import CfgNode
 
-from .simmim import ENCODER_STRIDE, ENCODERS, SimMIM
+from .simmim import ENCODERS, SimMIM
+from .swin_mlp import SwinMLP
 from .swin_transformer import SwinTransformer
 from .swin_transformer_v2 import SwinTransformerV2
 
@@ -31,16 +32,30 @@ def _simmim(config: CfgNode, model_type: str) -> SimMIM:
     """The official SimMIM model: a head-less encoder with a mask token, the 1x1 decoder."""
     kwargs = dict(_swin_kwargs(config, model_type), num_classes=0)
     target = config.MODEL.SIMMIM.NORM_TARGET
-    return SimMIM(ENCODERS[model_type](**kwargs), encoder_stride=ENCODER_STRIDE, in_chans=kwargs['in_chans'],
+    # the official code fixes 32, the stride of its 4-stage models; fewer stages downsample less
+    stride = kwargs['patch_size'] * 2 ** (len(kwargs['depths']) - 1)
+    return SimMIM(ENCODERS[model_type](**kwargs), encoder_stride=stride, in_chans=kwargs['in_chans'],
                   patch_size=kwargs['patch_size'], norm_target=target.ENABLE, norm_target_patch_size=target.PATCH_SIZE)
 
 
+def _swin_mlp(config: CfgNode) -> SwinMLP:
+    s = config.MODEL.SWIN_MLP
+    return SwinMLP(img_size=config.DATA.IMG_SIZE, patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS,
+                   num_classes=config.MODEL.NUM_CLASSES, embed_dim=s.EMBED_DIM, depths=list(s.DEPTHS),
+                   num_heads=list(s.NUM_HEADS), window_size=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO,
+                   drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE, ape=s.APE,
+                   patch_norm=s.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT)
+
+
 def build_model(config: CfgNode, is_pretrain: bool = False) -> nn.Module:
-    """The classifier MODEL.TYPE names; with `is_pretrain`, the SimMIM model of that
-    backbone (official keys `encoder.*`, `decoder.*`; forward(images, mask) -> loss)."""
+    """The classifier MODEL.TYPE names; with `is_pretrain`, the SimMIM model of that Swin
+    backbone (official keys `encoder.*`, `decoder.*`; forward(images, mask) -> loss).
+    validate_config rejects the combinations raised on here first."""
     model_type = config.MODEL.TYPE.lower()
+    if model_type == 'swin_mlp' and not is_pretrain:
+        return _swin_mlp(config)
     if model_type not in CLASSIFIERS:
-        raise ValueError(f"unknown model type '{model_type}'")  # validate_config rejects it first
+        raise ValueError(f"no {'SimMIM ' if is_pretrain else ''}model for MODEL.TYPE '{model_type}'")
     if is_pretrain:
         return _simmim(config, model_type)
     return CLASSIFIERS[model_type](**_swin_kwargs(config, model_type))
