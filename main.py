@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--accumulation-steps', type=int, help='gradient accumulation steps')
     p.add_argument('--use-checkpoint', action='store_true', help='activation checkpointing to save memory')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (sets TRAIN.COMPILE True)')
-    p.add_argument('--disable_amp', action='store_true', help='train and evaluate in fp32')
+    p.add_argument('--disable_amp', '--disable-amp', action='store_true', help='train and evaluate in fp32')
+    p.add_argument('--enable-amp', action='store_true',
+                   help='the official SimMIM scripts\' flag (sets ENABLE_AMP); AMP_ENABLE already decides here')
+    p.add_argument('--simmim-pretrain', action='store_true',
+                   help='SimMIM masked-image pre-training of the Swin the config names (MODEL.SIMMIM.PRETRAIN True)')
     p.add_argument('--amp-opt-level', type=str, choices=['O0', 'O1', 'O2'],
                    help='deprecated apex flag; O0 disables AMP, the others change nothing')
     p.add_argument('--output', type=str, metavar='PATH', help='output root (default: output)')

@@ -13,6 +13,7 @@ from config import mixup_active
 
 from .datasets import ImageDataset, SyntheticDataset, collate_channels_last
 from .samplers import ShardSampler, TrainSampler, shard_bounds
+from .simmim import mask_targets, pretrain_transform
 from .sources import CachedSource, DataError, FolderSource, ListSource, Source, ZipSource
 from .transforms import build_transform
 
@@ -69,9 +70,11 @@ def build_dataset(config, is_train: bool, rank: int = 0, world_size: int = 1, lo
         length = config.DATA.SYNTHETIC_LENGTH[0 if is_train else 1]
         return SyntheticDataset(length, config.DATA.IMG_SIZE, config.MODEL.NUM_CLASSES, seed=config.SEED)
     source = _cache(build_source(config, split), config, is_train, rank, world_size)
-    return ImageDataset(source, build_transform(is_train, config), seed=config.SEED,
-                        max_corrupt_fraction=config.DATA.MAX_CORRUPT_FRACTION, world_size=world_size,
-                        logger_name=logger_name)
+    pretraining = config.MODEL.SIMMIM.PRETRAIN  # SimMIM: (image, mask) samples, the labels unused
+    transform = (pretrain_transform if pretraining else build_transform)(is_train, config)
+    return ImageDataset(source, transform, seed=config.SEED, max_corrupt_fraction=config.DATA.MAX_CORRUPT_FRACTION,
+                        world_size=world_size, logger_name=logger_name,
+                        targets=mask_targets(config) if pretraining else None)
 
 
 def build_mixup(config) -> Mixup | None:

@@ -50,7 +50,8 @@ class _MainProcessRngGuard:
 
 
 class ImageDataset(Dataset):
-    """(uint8 image (3, S, S), label) pairs from `source` through `transform`.
+    """(uint8 image (3, S, S), label) pairs from `source` through `transform` (with
+    `targets`, SimMIM pre-training: (image, mask) pairs).
 
     An unreadable image is logged with its path, counted across all workers and replaced by
     the next readable sample; once more than `max_corrupt_fraction` of the split has failed,
@@ -58,9 +59,13 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, source: Source, transform: Callable[[bytes], torch.Tensor], *, seed: int = 0,
-                 max_corrupt_fraction: float = 0.001, world_size: int = 1, logger_name: str = 'data'):
+                 max_corrupt_fraction: float = 0.001, world_size: int = 1, logger_name: str = 'data',
+                 targets: Callable[[int], object] | None = None):
         self.source = source
         self.transform = transform
+        # a sample's second entry: its class label, or (SimMIM pre-training) what `targets`
+        # draws for it after the image, under the same per-sample seed
+        self.target_of = targets or source.label
         self.seed = seed
         # each rank counts what its own share meets
         self.max_corrupt = int(max_corrupt_fraction * len(source) / world_size)
@@ -112,7 +117,8 @@ class ImageDataset(Dataset):
         for _ in range(len(self)):
             if not self._unreadable[index]:
                 try:
-                    return self.transform(self.source.read(index)), self.source.label(index)
+                    image = self.transform(self.source.read(index))
+                    return image, self.target_of(index)
                 except (DecodeError, OSError) as e:
                     self._record_corrupt(index, e)
             index = (index + 1) % len(self)

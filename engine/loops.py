@@ -75,6 +75,14 @@ def updates_per_epoch(num_batches: int, accumulation_steps: int) -> int:
     return num_batches // accumulation_steps
 
 
+def step_loss(t: Trainer, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A micro-batch's loss: the criterion on the classifier's logits, or (SimMIM
+    pre-training, where `targets` are the masks) the loss the model returns."""
+    with autocast_context(t.amp_dtype, t.device):
+        outputs = t.forward_module(images, targets) if t.pretraining else t.forward_module(images)
+    return outputs.float() if t.pretraining else t.criterion(outputs.float(), targets)
+
+
 def train_one_epoch(t: Trainer, loader, epoch: int) -> EpochResult:
     """One pass over `loader` from micro-step `t.epoch_step` (a resumed epoch: the sampler
     already skips what was done): TRAIN.ACCUMULATION_STEPS micro-batches per optimizer
@@ -95,9 +103,7 @@ def train_one_epoch(t: Trainer, loader, epoch: int) -> EpochResult:
             images, targets = t.mixup_fn(images, targets)
         updating = (step + 1) % accum == 0
         with gradient_sync(t.train_module, updating):
-            with autocast_context(t.amp_dtype, t.device):
-                outputs = t.forward_module(images)
-            loss = t.criterion(outputs.float(), targets)
+            loss = step_loss(t, images, targets)
             scaled = loss / accum  # the update equals one batch of accum x batch images
             (scaled if t.scaler is None else t.scaler.scale(scaled)).backward()
         t.loss_sum += loss.detach()

@@ -178,11 +178,15 @@ def _run(config, ctx: DistContext) -> int:
 
 
 def _build_model(config, ctx: DistContext, logger) -> nn.Module:
-    model = build_model(config).to(ctx.device)
+    """The classifier, or for SimMIM pre-training (not --throughput) the SimMIM model."""
+    pretraining = config.MODEL.SIMMIM.PRETRAIN and not config.THROUGHPUT_MODE
+    model = build_model(config, is_pretrain=pretraining).to(ctx.device)
     n_params = sum(p.numel() for p in model.parameters())
     flops = f', {model.flops() / 1e9:.2f} GFLOPs' if hasattr(model, 'flops') else ''
+    task = (f'SimMIM pre-training (mask {config.DATA.MASK_PATCH_SIZE}px squares, ratio {config.DATA.MASK_RATIO})'
+            if pretraining else f'{config.MODEL.NUM_CLASSES} classes')
     logger.info(f'model {config.MODEL.NAME}: {n_params / 1e6:.2f}M parameters{flops} at '
-                f'{config.DATA.IMG_SIZE}px, {config.MODEL.NUM_CLASSES} classes')
+                f'{config.DATA.IMG_SIZE}px, {task}')
     return model
 
 

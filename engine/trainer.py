@@ -34,6 +34,7 @@ from .guard import NonFiniteGuard
 from .loops import Stop, build_criterion, compile_model, train_one_epoch, updates_per_epoch, validate
 from .metrics_log import MetricsLog
 from .preemption import StopRequest
+from .reconstruction import pretraining_record
 from .step_logger import StepLogger
 
 
@@ -57,11 +58,13 @@ class Trainer:
         self.scheduler = build_scheduler(config, self.optimizer, self.updates_per_epoch)
         self.scaler = make_scaler(amp_dtype, self.device)
         self.ema = build_ema(config, self.model, logger)
-        self.criterion = build_criterion(config, mixup_fn is not None)
+        self.pretraining = config.MODEL.SIMMIM.PRETRAIN  # the model returns its own loss
+        self.criterion = None if self.pretraining else build_criterion(config, mixup_fn is not None)
         # counted where the gradients live: the host for CPU-offloaded FSDP shards
         grad_device = next((p.device for p in self.model.parameters() if p.requires_grad), self.device)
         self.guard = NonFiniteGuard(grad_device, config.TRAIN.MAX_CONSECUTIVE_SKIPS)
-        self.prep_train = DevicePreprocessor(config, self.device, is_train=True)
+        # SimMIM's augmentation has no random erasing
+        self.prep_train = DevicePreprocessor(config, self.device, is_train=not self.pretraining)
         self.prep_val = DevicePreprocessor(config, self.device, is_train=False)
         self.train_module = parallel.training_module(self.model, config, ctx)  # DDP for ddp and zero
         # the DDP-wrapped module is compiled (as PyTorch recommends): the DDP optimizer then
@@ -154,8 +157,8 @@ class Trainer:
             while self.epoch < config.TRAIN.EPOCHS:
                 if self._run_epoch() is Stop.SIGNAL:
                     return EXIT_PREEMPTED
-            logger.info(f'Training time {datetime.timedelta(seconds=int(time.perf_counter() - began))}; '
-                        f'max accuracy {self.max_accuracy:.2f}%')
+            best = '' if self.max_accuracy is None else f'; max accuracy {self.max_accuracy:.2f}%'
+            logger.info(f'Training time {datetime.timedelta(seconds=int(time.perf_counter() - began))}{best}')
             return 0
         finally:
             self.stop.uninstall()
@@ -204,7 +207,10 @@ class Trainer:
         return Stop.SIGNAL if stopping else None
 
     def _validate(self, epoch: int, result) -> tuple[dict, bool]:
-        """Score the model (and the EMA); the epoch's metrics line and whether top-1 improved."""
+        """Score the model (and the EMA); the epoch's metrics line and whether top-1 improved
+        (SimMIM pre-training: the reconstruction loss, and a picture every SAVE_FREQ epochs)."""
+        if self.pretraining:
+            return pretraining_record(self, epoch, result), False
         val = validate(self.config, self.eval_module, self.loader_val, self.prep_val, self.device, self.amp_dtype,
                        self.logger)
         improved = self.max_accuracy is None or val['acc1'] > self.max_accuracy
@@ -232,7 +238,7 @@ class Trainer:
     def _record(self, record: dict) -> None:
         """Rank 0: the epoch's metrics line and scalars."""
         self.metrics.append(record)
-        self.metrics.scalars(record['epoch'], {f'epoch/{k}': record[k] for k in
+        self.metrics.scalars(record['epoch'], {f'epoch/{k}': record.get(k) for k in
                                                ('train_loss', 'acc1', 'acc5', 'val_loss', 'img_per_s', 'lr')})
         self.metrics.flush()
 

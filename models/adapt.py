@@ -41,7 +41,8 @@ class LoadReport:
         out = [f'pretrained: {len(self.loaded)} tensors loaded from {self.source_format}-format weights '
                f'({", ".join(parts)}); classifier {self.head}']
         if self.dropped:
-            out.append(f'pretrained: SimMIM pre-training weights not used by the classifier: {", ".join(self.dropped)}')
+            unused = ', '.join(sorted(self.dropped))
+            out.append(f'pretrained: SimMIM pre-training weights not used by the classifier: {unused}')
         return out + [f'pretrained: resized {r}' for r in self.resized] + [f'pretrained: {r}' for r in self.rebuilt]
 
 

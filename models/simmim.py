@@ -56,10 +56,9 @@ class SwinTransformerV2ForSimMIM(_MaskedEncoder, SwinTransformerV2):
         self._add_mask_token()
 
 
-def normalized_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Each pixel standardized by the mean and unbiased variance of the `patch_size` x
-    `patch_size` window around it (odd size; only the pixels inside the image count), the
-    official NORM_TARGET option."""
+def local_statistics(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel, the mean and the standard deviation (unbiased variance + 1e-6) of the
+    `patch_size` x `patch_size` window around it (odd size; only pixels inside the image count)."""
     if patch_size % 2 != 1:
         raise ValueError(f'MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE must be odd, not {patch_size}')
     pool = dict(kernel_size=patch_size, stride=1, padding=patch_size // 2)
@@ -67,7 +66,13 @@ def normalized_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     mean_of_squares = F.avg_pool2d(images ** 2, count_include_pad=False, **pool)
     count = F.avg_pool2d(torch.ones_like(images), count_include_pad=True, **pool) * patch_size ** 2
     variance = ((mean_of_squares - mean ** 2) * (count / (count - 1))).clamp(min=0.)
-    return (images - mean) / (variance + 1e-6) ** 0.5
+    return mean, (variance + 1e-6) ** 0.5
+
+
+def normalized_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Each pixel standardized by its window's statistics, the official NORM_TARGET option."""
+    mean, std = local_statistics(images, patch_size)
+    return (images - mean) / std
 
 
 class SimMIM(nn.Module):
@@ -118,9 +123,18 @@ class SimMIM(nn.Module):
     def fsdp_units(self) -> list[nn.Module]:
         return self.encoder.fsdp_units()
 
+    def freeze(self, stages: int, linear_probe: bool = False) -> list[str]:
+        """TRAIN.FREEZE_STAGES on the encoder (the names it reports carry `encoder.`)."""
+        return [f'encoder.{name}' for name in self.encoder.freeze(stages, linear_probe)]
+
+    def flops(self) -> float:
+        """The encoder's multiply-adds (without its absent head) and the decoder's 1x1 convolution."""
+        grid = self.encoder.patches_resolution
+        cells = grid[0] * grid[1] // (self.encoder_stride // self.patch_size) ** 2
+        return self.encoder.flops() + cells * self.encoder.num_features * self.decoder[0].out_channels
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
 
 
 ENCODERS = {'swin': SwinTransformerForSimMIM, 'swinv2': SwinTransformerV2ForSimMIM}
-ENCODER_STRIDE = 32  # the official value for both Swin versions (4 x 2**3)

@@ -9,7 +9,7 @@ import torch
 from scipy.optimize import brentq
 
 from checkpoints.reading import load_pretrained
-from data.masking import MaskGenerator
+from data.simmim import MaskGenerator
 from models.adapt import fit_weights
 from models.simmim import SimMIM, SwinTransformerForSimMIM, SwinTransformerV2ForSimMIM, normalized_targets
 from models.simmim_weights import geometric_resize_bias_table
