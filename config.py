@@ -709,6 +709,10 @@ def validate_pretrain_config(config: CN) -> None:
            f"SimMIM pre-training needs MODEL.TYPE {' or '.join(PRETRAIN_TYPES)}, got '{config.MODEL.TYPE}'")
     _check(not config.EVAL_MODE, '--eval scores a classifier; SimMIM pre-training reports its reconstruction '
            'loss on the validation images every epoch (drop --simmim-pretrain to evaluate a fine-tuned model)')
+    _check(config.DATA.LOADER.lower() == 'torch', 'SimMIM pre-training draws its masks in the torch loader: '
+           'set DATA.LOADER torch')
+    _check(config.DATA.DATASET.lower() != 'synthetic', 'SimMIM pre-training needs images (DATA.DATASET synthetic '
+           'has no masks)')
     arch, section = model_arch(config)
     img, mask = config.DATA.IMG_SIZE, config.DATA.MASK_PATCH_SIZE
     _check(img % mask == 0, f"DATA.IMG_SIZE {img} must be a multiple of DATA.MASK_PATCH_SIZE {mask} for SimMIM")

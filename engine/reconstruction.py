@@ -13,6 +13,7 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from data.datasets import collate_channels_last
 from data.prefetch import DevicePrefetcher
 from distributed.parallel import is_sharded
 from distributed.process_group import all_reduce_sum, max_over_ranks
@@ -22,7 +23,8 @@ from utils import atomic_write
 from .amp import autocast_context
 
 PICTURE_FILE = 'reconstruction_epoch{epoch:03d}.png'
-PICTURE_IMAGES = 8  # validation images per picture (fewer when a rank's first batch is smaller)
+PICTURE_IMAGES = 8  # validation images per picture (all of them in a smaller split)
+PICTURE_MIN_SIDE = 128  # smaller images are shown enlarged by a whole factor
 
 
 def validate_reconstruction(model: nn.Module, loader, prep, device: torch.device, amp_dtype: torch.dtype | None,
@@ -69,6 +71,13 @@ def _predicted_pixels(model, images: torch.Tensor, predicted: torch.Tensor) -> t
     return predicted * std + mean
 
 
+def picture_batch(dataset, prep) -> tuple[torch.Tensor, torch.Tensor]:
+    """PICTURE_IMAGES validation images spread over the split (folders are sorted by class),
+    with their masks: the same ones every epoch."""
+    picks = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, PICTURE_IMAGES).round()})
+    return prep(*collate_channels_last([dataset[i] for i in picks]))
+
+
 @torch.no_grad()
 def reconstruction_picture(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                            amp_dtype: torch.dtype | None) -> np.ndarray:
@@ -82,7 +91,9 @@ def reconstruction_picture(model: nn.Module, images: torch.Tensor, masks: torch.
     original, masked, rebuilt = _to_uint8(images), _to_uint8(images), _to_uint8(filled)
     masked[hidden[:, 0].cpu().numpy()] = 128
     rows = [np.concatenate([o, m, r], axis=1) for o, m, r in zip(original, masked, rebuilt)]
-    return np.concatenate(rows, axis=0)
+    picture = np.concatenate(rows, axis=0)
+    zoom = max(1, PICTURE_MIN_SIDE // images.shape[-1])  # small images enlarged (nearest) to be seen
+    return picture.repeat(zoom, axis=0).repeat(zoom, axis=1)
 
 
 def write_picture(picture: np.ndarray, output: str, epoch: int, writer) -> str:
@@ -97,9 +108,9 @@ def write_picture(picture: np.ndarray, output: str, epoch: int, writer) -> str:
 
 def pretraining_record(trainer, epoch: int, result) -> dict:
     """SimMIM pre-training's end of epoch: the reconstruction loss of the model (and the
-    EMA) for metrics.jsonl, and every SAVE_FREQ epochs and at the last the picture of the
-    first PICTURE_IMAGES validation images (every rank runs the forward, as FSDP needs;
-    rank 0 writes)."""
+    EMA) for metrics.jsonl, and every SAVE_FREQ epochs and at the last the picture of
+    PICTURE_IMAGES validation images (every rank runs the forward, as FSDP needs; rank 0
+    writes)."""
     t, config = trainer, trainer.config
     val = validate_reconstruction(t.eval_module, t.loader_val, t.prep_val, t.device, t.amp_dtype, t.logger)
     record = {'epoch': epoch, 'train_loss': result.train_loss, 'val_loss': val['val_loss'], 'lr': result.lr,
@@ -109,8 +120,8 @@ def pretraining_record(trainer, epoch: int, result) -> dict:
         ema = validate_reconstruction(t.ema.module, t.loader_val, t.prep_val, t.device, t.amp_dtype, t.logger)
         record['ema_val_loss'] = ema['val_loss']
     if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-        images, masks = next(iter(DevicePrefetcher(t.loader_val, t.prep_val)))
-        picture = reconstruction_picture(t.model, images[:PICTURE_IMAGES], masks[:PICTURE_IMAGES], t.amp_dtype)
+        images, masks = picture_batch(t.loader_val.dataset, t.prep_val)
+        picture = reconstruction_picture(t.model, images, masks, t.amp_dtype)
         if t.ctx.is_main:
             t.logger.info(f'reconstructions: {write_picture(picture, config.OUTPUT, epoch, t.metrics.writer)}')
     return record

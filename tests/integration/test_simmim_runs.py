@@ -1,14 +1,17 @@
 """SimMIM pre-training through main.py (`--simmim-pretrain` on a Swin config): per-epoch
 training and validation reconstruction losses, the reconstruction pictures, a checkpoint with
 the official SimMIM keys that resumes bit for bit, and fine-tuning from it with --pretrained."""
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from helpers.runs import read_metrics, run_main
+from helpers.runs import ROOT, free_port, read_metrics, run_main
 
 PRETRAIN = ['--simmim-pretrain', '--opts', 'DATA.MASK_PATCH_SIZE', '8', 'DATA.MASK_RATIO', '0.5',
             'SAVE_KEEP_LAST', '0', 'SAVE_FREQ', '1', 'MODEL.DROP_PATH_RATE', '0.1']
@@ -31,12 +34,16 @@ def test_pretraining_logs_reconstruction_losses_and_pictures(pretrained):
     assert metrics[-1]['train_loss'] < metrics[0]['train_loss']
     for epoch in range(3):
         with Image.open(pretrained / f'reconstruction_epoch{epoch:03d}.png') as picture:
-            # 8 validation images (the first batch), each as original | masked | reconstruction
-            assert picture.size == (3 * 32, 8 * 32) and picture.mode == 'RGB'
+            # 8 validation images spread over the classes, each as original | masked |
+            # reconstruction, enlarged 4x (32 px images)
+            assert picture.size == (3 * 128, 8 * 128) and picture.mode == 'RGB'
             pixels = np.asarray(picture)
-    masked = pixels[:, 32:64]
+    masked = pixels[:, 128:256]
     assert (masked == 128).all(axis=2).mean() > 0.3  # about half the squares hidden in grey
-    assert not np.array_equal(pixels[:, :32], pixels[:, 64:])  # the masked part is predicted
+    assert not np.array_equal(pixels[:, :128], pixels[:, 256:])  # the masked part is predicted
+    # the colour classes: the first picked image is red, the last blue
+    assert pixels[:128, :128, 0].mean() > pixels[:128, :128, 2].mean()
+    assert pixels[-128:, :128, 2].mean() > pixels[-128:, :128, 0].mean()
     log = (pretrained / 'log_rank0.txt').read_text()
     assert 'SimMIM pre-training' in log and 'reconstruction loss' in log
 
@@ -73,3 +80,22 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(cfg_file, pretrained, tm
     assert 'simmim-format weights' in log
     assert 'not used by the classifier: decoder.0.bias, decoder.0.weight, encoder.mask_token' in log
     assert "classifier: the model's own initialization" in log
+
+
+def test_pretraining_under_torchrun_with_amp_and_accumulation(cfg_file, tmp_path):
+    """Two processes (gloo), bf16 autocast, 2 micro-batches per update: every validation
+    image counted once, both ranks' logs, the official checkpoint keys."""
+    out = tmp_path / 'ddp'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                           '--master_port', str(free_port()), os.path.join(ROOT, 'main.py'),
+                           '--cfg', cfg_file, '--output', str(out), '--accumulation-steps', '2', *PRETRAIN,
+                           'TRAIN.EPOCHS', '1', 'AMP_ENABLE', 'True', 'AMP_DTYPE', 'bf16'],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = out / 'tiny' / 'default'
+    (line,) = read_metrics(run_dir)
+    assert line['n_images'] == 21 and 0 < line['val_loss'] < 10 and line['updates'] == 48 // 2 // 8 // 2
+    assert (run_dir / 'log_rank1.txt').exists() and (run_dir / 'reconstruction_epoch000.png').exists()
+    assert 'precision: bf16 autocast' in (run_dir / 'log_rank0.txt').read_text()
+    assert 'decoder.0.weight' in torch.load(run_dir / 'ckpt_epoch_0.pth', weights_only=True)['model']

@@ -464,6 +464,11 @@ def test_pretrain_switch_runs_the_pretraining_checks():
                  'DATA.IMG_SIZE 200')
     mlp = CONFIGS / 'swinmlp' / 'swin_mlp_tiny_c24_patch4_window8_256.yaml'
     expect_error(lambda: load(mlp, opts=['MODEL.SIMMIM.PRETRAIN', 'True']), 'SimMIM', "'swin_mlp'")
+    on = ['MODEL.SIMMIM.PRETRAIN', 'True']
+    expect_error(lambda: load(path, opts=on + ['DATA.LOADER', 'dali']), 'DATA.LOADER torch')
+    expect_error(lambda: load(path, opts=on + ['DATA.DATASET', 'synthetic']), 'synthetic')
+    expect_error(lambda: load(path, opts=on + ['EVAL_MODE', 'True']), '--eval', 'reconstruction')
+    assert config.mixup_active(load(path)) and not config.mixup_active(load(path, opts=on))  # no labels to mix
 
 
 def test_simmim_keys_are_validated():

@@ -10,12 +10,14 @@ from scipy.optimize import brentq
 
 from checkpoints.reading import load_pretrained
 from data.simmim import MaskGenerator
+from helpers.configs import make_config
 from models.adapt import fit_weights
 from models.simmim import SimMIM, SwinTransformerForSimMIM, SwinTransformerV2ForSimMIM, normalized_targets
 from models.simmim_weights import geometric_resize_bias_table
 from models.swin_transformer import SwinTransformer
 from models.swin_transformer_v2 import SwinTransformerV2
 from models.weights import is_derived
+from optimizer import build_param_groups
 
 TINY = dict(img_size=64, patch_size=4, in_chans=3, num_classes=0, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
             window_size=4, drop_path_rate=0.0)
@@ -196,3 +198,16 @@ def test_bias_tables_of_another_window_follow_the_geometric_rule():
     assert any(r.startswith(key) and r.endswith('geometric') for r in report.resized)
     expected_table = geometric_resize_bias_table(pretrained.state_dict()['encoder.' + key], 9)
     assert torch.equal(model.state_dict()[key], expected_table)
+
+
+def test_pretraining_param_groups_are_the_official_ones():
+    """As the official pre-training groups them: 1-D tensors, biases and encoder.mask_token
+    undecayed; the prefixed keywords match nothing, so bias tables are decayed."""
+    model = _simmim()
+    groups = {g['name']: {id(p) for p in g['params']} for g in build_param_groups(make_config(), model)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[i] for i in groups['no_decay']}
+    decay = {names[i] for i in groups['decay']}
+    assert 'encoder.mask_token' in no_decay and 'decoder.0.bias' in no_decay
+    assert 'decoder.0.weight' in decay and 'encoder.layers.0.blocks.0.attn.relative_position_bias_table' in decay
+    assert all(model.get_parameter(n).ndim == 1 or n.endswith('.bias') or n == 'encoder.mask_token' for n in no_decay)
