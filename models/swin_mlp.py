@@ -39,14 +39,9 @@ class SwinMLPBlock(nn.Module):
         self.input_resolution = input_resolution
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
-        if min(input_resolution) <= window_size:
-            # The whole map fits in one window: no shift, window = map (official rule; it sets the weight shape).
-            shift_size = 0
-            window_size = min(input_resolution)
         if dim % num_heads:
             raise ValueError(f'dim {dim} must be a multiple of num_heads {num_heads} (channels per head)')
-        if not 0 <= shift_size < window_size:
-            raise ValueError(f'shift_size {shift_size} must be in [0, window_size={window_size})')
+        window_size, shift_size = v1.fit_window(input_resolution, window_size, shift_size)
         self.window_size = window_size
         self.shift_size = shift_size
 

@@ -78,6 +78,16 @@ def shifted_window_mask(H: int, W: int, window_size: int, shift_size: int,
     return torch.zeros(differs.shape, device=device).masked_fill_(differs, MASK_VALUE)
 
 
+def fit_window(input_resolution: tuple[int, int], window_size: int, shift_size: int) -> tuple[int, int]:
+    """(window, shift) of a block: a map no larger than the window is one window of the map's
+    size, unshifted (the official rule; it sets the shapes of per-window weights)."""
+    if min(input_resolution) <= window_size:
+        shift_size, window_size = 0, min(input_resolution)
+    if not 0 <= shift_size < window_size:
+        raise ValueError(f'shift_size {shift_size} must be in [0, window_size={window_size})')
+    return window_size, shift_size
+
+
 class DerivedBuffers:
     """Mixin (before nn.Module) for a module whose `derived_buffers` are computed from its
     configuration: a load keeps the module's own, whatever the file holds for them (another
@@ -237,12 +247,7 @@ class SwinTransformerBlock(DerivedBuffers, nn.Module):
         self.input_resolution = input_resolution
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
-        if min(input_resolution) <= window_size:
-            # The whole map fits in one window: no shift, window = map (official rule).
-            shift_size = 0
-            window_size = min(input_resolution)
-        if not 0 <= shift_size < window_size:
-            raise ValueError(f'shift_size {shift_size} must be in [0, window_size={window_size})')
+        window_size, shift_size = fit_window(input_resolution, window_size, shift_size)
         self.window_size = window_size
         self.shift_size = shift_size
 
