@@ -118,54 +118,6 @@ def test_swin_base_384_yaml_values():
 
 # ----------------------------------------------------------------------------- 2. defaults
 
-OFFICIAL_DEFAULTS = {
-    'DATA.BATCH_SIZE': 128,
-    'DATA.IMG_SIZE': 224,
-    'DATA.INTERPOLATION': 'bicubic',
-    'DATA.CACHE_MODE': 'part',
-    'MODEL.DROP_PATH_RATE': 0.1,
-    'MODEL.LABEL_SMOOTHING': 0.1,
-    'TRAIN.EPOCHS': 300,
-    'TRAIN.WARMUP_EPOCHS': 20,
-    'TRAIN.WEIGHT_DECAY': 0.05,
-    'TRAIN.BASE_LR': 5e-4,
-    'TRAIN.WARMUP_LR': 5e-7,
-    'TRAIN.MIN_LR': 5e-6,
-    'TRAIN.CLIP_GRAD': 5.0,
-    'TRAIN.OPTIMIZER.BETAS': (0.9, 0.999),
-    'AUG.MIXUP': 0.8,
-    'AUG.CUTMIX': 1.0,
-    'AUG.AUTO_AUGMENT': 'rand-m9-mstd0.5-inc1',
-    'AUG.REPROB': 0.25,
-    'TEST.CROP': True,
-    'AMP_ENABLE': True,
-    'TAG': 'default',
-    'SAVE_FREQ': 1,
-    'PRINT_FREQ': 10,
-    'SEED': 0,
-    'MODEL.SWINV2.PRETRAINED_WINDOW_SIZES': [0, 0, 0, 0],
-}
-
-
-@pytest.fixture(scope='module')
-def empty_yaml_config(tmp_path_factory):
-    return load(write(tmp_path_factory.mktemp('empty') / 'empty.yaml', '# nothing\n'))
-
-
-@pytest.mark.parametrize('key,expected', OFFICIAL_DEFAULTS.items(), ids=list(OFFICIAL_DEFAULTS))
-def test_official_defaults(empty_yaml_config, key, expected):
-    for cfg in (config.default_config(), empty_yaml_config):
-        value = get(cfg, key)
-        if isinstance(expected, (list, tuple)):
-            assert list(value) == list(expected)
-        elif isinstance(expected, bool):
-            assert value is expected
-        elif isinstance(expected, float):
-            assert isinstance(value, float) and value == pytest.approx(expected, rel=1e-12)
-        else:
-            assert type(value) is type(expected) and value == expected
-
-
 def test_default_config_is_a_fresh_copy():
     a = config.default_config()
     a.TRAIN.EPOCHS = 1

@@ -334,6 +334,14 @@ def test_official_default(key):
         assert type(value) is type(expected), f'{key}: {type(value).__name__} != {type(expected).__name__}'
 
 
+def test_an_empty_yaml_keeps_every_default(tmp_path):
+    empty = tmp_path / 'empty.yaml'
+    empty.write_text('# nothing\n')
+    loaded, defaults = load(empty), config.default_config()
+    for key in sorted(set(OFFICIAL_DEFAULTS) - {'OUTPUT'}):  # the run folder is settled from the name
+        assert same(get(loaded, key), get(defaults, key), lowered=False), key
+
+
 # ----------------------------------------------------------------------------- the files
 
 def test_official_folders_hold_exactly_the_official_files():
