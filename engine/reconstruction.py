@@ -85,7 +85,7 @@ def reconstruction_picture(model: nn.Module, images: torch.Tensor, masks: torch.
     pixels kept, the masked ones predicted)] as one (rows x H, 3 x W, 3) uint8 picture."""
     model.eval()
     with autocast_context(amp_dtype, images.device):
-        predicted = model.reconstruct(images, masks).float()
+        predicted = model(images, masks, reconstruct=True).float()
     hidden = model.pixel_mask(masks).bool()  # (B, 1, H, W)
     filled = torch.where(hidden, _predicted_pixels(model, images.float(), predicted), images.float())
     original, masked, rebuilt = _to_uint8(images), _to_uint8(images), _to_uint8(filled)

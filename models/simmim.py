@@ -92,17 +92,17 @@ class SimMIM(nn.Module):
         self.norm_target = norm_target
         self.norm_target_patch_size = norm_target_patch_size
 
-    def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The predicted pixels (B, 3, H, W) for every position (the loss reads the masked ones)."""
-        return self.decoder(self.encoder(images, mask))
-
     def pixel_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """The (B, H/p, W/p) patch mask as a (B, 1, H, W) pixel mask."""
         p = self.patch_size
         return mask.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).contiguous()
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        predicted = self.reconstruct(images, mask)
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, reconstruct: bool = False) -> torch.Tensor:
+        """The loss; with `reconstruct`, the predicted pixels (B, 3, H, W) at every position
+        instead (asked through forward, so FSDP's hooks gather the weights for it too)."""
+        predicted = self.decoder(self.encoder(images, mask))
+        if reconstruct:
+            return predicted
         pixel_mask = self.pixel_mask(mask)
         target = normalized_targets(images, self.norm_target_patch_size) if self.norm_target else images
         error = F.l1_loss(target, predicted, reduction='none')

@@ -82,15 +82,17 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(cfg_file, pretrained, tm
     assert "classifier: the model's own initialization" in log
 
 
-def test_pretraining_under_torchrun_with_amp_and_accumulation(cfg_file, tmp_path):
-    """Two processes (gloo), bf16 autocast, 2 micro-batches per update: every validation
-    image counted once, both ranks' logs, the official checkpoint keys."""
-    out = tmp_path / 'ddp'
+@pytest.mark.parametrize('parallel', ['ddp', 'fsdp'])
+def test_pretraining_under_torchrun_with_amp_and_accumulation(cfg_file, tmp_path, parallel):
+    """Two processes (gloo), bf16 autocast, 2 micro-batches per update, DDP or FSDP (whose
+    gathers the picture's forward must take part in): every validation image counted once,
+    both ranks' logs, the picture, the official checkpoint keys."""
+    out = tmp_path / parallel
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
                            '--master_port', str(free_port()), os.path.join(ROOT, 'main.py'),
                            '--cfg', cfg_file, '--output', str(out), '--accumulation-steps', '2', *PRETRAIN,
-                           'TRAIN.EPOCHS', '1', 'AMP_ENABLE', 'True', 'AMP_DTYPE', 'bf16'],
+                           'TRAIN.EPOCHS', '1', 'AMP_ENABLE', 'True', 'AMP_DTYPE', 'bf16', 'TRAIN.PARALLEL', parallel],
                           capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = out / 'tiny' / 'default'
@@ -98,4 +100,7 @@ def test_pretraining_under_torchrun_with_amp_and_accumulation(cfg_file, tmp_path
     assert line['n_images'] == 21 and 0 < line['val_loss'] < 10 and line['updates'] == 48 // 2 // 8 // 2
     assert (run_dir / 'log_rank1.txt').exists() and (run_dir / 'reconstruction_epoch000.png').exists()
     assert 'precision: bf16 autocast' in (run_dir / 'log_rank0.txt').read_text()
-    assert 'decoder.0.weight' in torch.load(run_dir / 'ckpt_epoch_0.pth', weights_only=True)['model']
+    if parallel == 'ddp':
+        assert 'decoder.0.weight' in torch.load(run_dir / 'ckpt_epoch_0.pth', weights_only=True)['model']
+    else:
+        assert (run_dir / 'ckpt_epoch_0.dcp').is_dir()

@@ -72,7 +72,7 @@ def test_loss_is_the_l1_error_on_masked_pixels_only():
     images, mask = torch.randn(2, 3, 64, 64), _mask()
     with torch.no_grad():
         loss = model(images, mask)
-        predicted = model.reconstruct(images, mask)
+        predicted = model(images, mask, reconstruct=True)
     assert predicted.shape == images.shape and loss.dim() == 0
     keep = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).bool()  # (B, H, W)
     errors = (predicted - images).abs().permute(0, 2, 3, 1)[keep]  # (masked pixels, 3)
@@ -80,7 +80,7 @@ def test_loss_is_the_l1_error_on_masked_pixels_only():
     # a wrong prediction where nothing is masked costs nothing
     with torch.no_grad():
         model.decoder[0].bias.add_(5.0)
-        shifted = model.reconstruct(images, mask)
+        shifted = model(images, mask, reconstruct=True)
         assert torch.allclose(model(images, mask), (shifted - images).abs().permute(0, 2, 3, 1)[keep].mean())
 
 
@@ -113,7 +113,7 @@ def test_norm_target_option_changes_the_target():
     images, mask = torch.randn(2, 3, 64, 64), _mask()
     plain, normed = _simmim(), _simmim(norm_target=True, norm_target_patch_size=7)
     with torch.no_grad():
-        predicted = normed.reconstruct(images, mask)
+        predicted = normed(images, mask, reconstruct=True)
         keep = plain.pixel_mask(mask).expand(-1, 3, -1, -1).bool()
         expected = (predicted - normalized_targets(images, 7))[keep].abs().mean()
         assert torch.allclose(normed(images, mask), expected, rtol=1e-5)
