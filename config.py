@@ -382,7 +382,6 @@ MODEL_TYPES = ('swin', 'swinv2', 'swin_mlp', 'swin_moe')
 # the config section holding each model type's architecture
 ARCH_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_mlp': 'SWIN_MLP', 'swin_moe': 'SWIN_MOE'}
 # types whose keys load (so the official YAML files do) but whose model this framework lacks
-NOT_IMPLEMENTED_TYPES = {'swin_moe': 'Swin-MoE'}
 # the backbones SimMIM pre-training wraps (build_model(config, is_pretrain=True))
 PRETRAIN_TYPES = ('swin', 'swinv2')
 # the official names fused_adam / fused_lamb (apex's FusedAdam / FusedLAMB there): torch's
@@ -637,9 +636,8 @@ def validate_config(config: CN) -> None:
     """Reject values that would fail later, deep inside model or data code."""
     _check_choice(config.MODEL.TYPE, MODEL_TYPES, 'MODEL.TYPE')
     model_type = str(config.MODEL.TYPE).lower()
-    _check(model_type not in NOT_IMPLEMENTED_TYPES,
-           f"MODEL.TYPE '{config.MODEL.TYPE}': {NOT_IMPLEMENTED_TYPES.get(model_type)} is not implemented yet "
-           f"(its config keys are accepted so the official files load); use swin, swinv2 or swin_mlp")
+    if model_type == 'swin_moe':
+        _validate_moe(config)
     _check(bool(config.MODEL.NAME.strip()), 'MODEL.NAME must not be empty: it names the output folder')
     _check(bool(config.TAG.strip()), 'TAG must not be empty: it names the output folder')
     _check_positive(config.DATA.IMG_SIZE, 'DATA.IMG_SIZE')
@@ -718,6 +716,21 @@ def validate_pretrain_config(config: CN) -> None:
     _check(img % mask == 0, f"DATA.IMG_SIZE {img} must be a multiple of DATA.MASK_PATCH_SIZE {mask} for SimMIM")
     _check(mask % arch.PATCH_SIZE == 0, f"DATA.MASK_PATCH_SIZE {mask} must be a multiple of {section}.PATCH_SIZE "
            f"{arch.PATCH_SIZE} for SimMIM (the mask covers whole patches)")
+
+
+def _validate_moe(config: CN) -> None:
+    """What Swin-MoE runs support: experts placed over the ranks and data parallelism
+    for the rest (DDP), in eager mode."""
+    moe = config.MODEL.SWIN_MOE
+    _check(config.TRAIN.PARALLEL == 'ddp', f"Swin-MoE trains with TRAIN.PARALLEL ddp (experts are split over the "
+           f"ranks, the rest replicated), not '{config.TRAIN.PARALLEL}'")
+    _check(not config.TRAIN.COMPILE, 'Swin-MoE runs eagerly: turn TRAIN.COMPILE (--compile) off')
+    _check(moe.NUM_LOCAL_EXPERTS >= 1 or moe.NUM_LOCAL_EXPERTS == -1,
+           f'MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS {moe.NUM_LOCAL_EXPERTS}: one expert shared by several ranks (below -1) '
+           f'is not supported; give the experts per rank (>= 1)')
+    _check(moe.TOP_VALUE in (1, 2), f'MODEL.SWIN_MOE.TOP_VALUE must be 1 or 2, not {moe.TOP_VALUE}')
+    _check(len(moe.MOE_BLOCKS) >= len(moe.DEPTHS), f'MODEL.SWIN_MOE.MOE_BLOCKS needs one list per stage '
+           f'({len(moe.DEPTHS)}), got {len(moe.MOE_BLOCKS)}')
 
 
 def model_arch(config: CN) -> tuple[CN, str]:

@@ -88,7 +88,19 @@ def training_module(model: nn.Module, config, ctx: DistContext) -> nn.Module:
     # assert after no_sync micro-steps (torch 2.14), and compiled runs place their own graph
     # breaks at the buckets: only plain eager runs without accumulation use it.
     static = config.TRAIN.ACCUMULATION_STEPS == 1 and not config.TRAIN.COMPILE
+    average_expert_gradients(model, ctx.world_size)
     return wrap_ddp(model, ctx.device, static_graph=static)
+
+
+def average_expert_gradients(model: nn.Module, world_size: int) -> None:
+    """Swin-MoE: DDP leaves each rank's own experts alone (the model lists them in
+    `_ddp_params_and_buffers_to_ignore`); their gradients, summed over the tokens all ranks
+    sent them, are divided by the world size as the official training does, to match the
+    averaged gradients of the replicated weights."""
+    ignored = set(getattr(model, '_ddp_params_and_buffers_to_ignore', ()))
+    for name, param in model.named_parameters():
+        if name in ignored and param.requires_grad:
+            param.register_hook(lambda grad: grad / world_size)
 
 
 def shard_optimizer(optimizer: torch.optim.Optimizer, config, ctx: DistContext) -> torch.optim.Optimizer:

@@ -8,6 +8,7 @@ import os
 
 import torch.nn as nn
 
+from checkpoints.experts import expert_names, own_model_state
 from checkpoints.reading import model_state_dict, read_checkpoint
 from distributed.process_group import DistContext
 from models.adapt import fit_weights
@@ -24,6 +25,8 @@ def evaluate(config, ctx: DistContext, model: nn.Module, loader_val, prep_val, a
 
     def load(target: nn.Module, entry: dict, source: str) -> None:
         state = model_state_dict(entry)
+        if experts := expert_names(target):  # Swin-MoE: this rank's experts of the file's all
+            state = own_model_state(state, target, experts, source)
         if config.MODEL.RESUME:
             load_model_weights(target, state, source)
         else:

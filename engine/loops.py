@@ -23,6 +23,7 @@ from data.prefetch import DevicePrefetcher
 from distributed.parallel import gradient_sync, is_sharded
 from distributed.process_group import all_reduce_sum, max_over_ranks
 from lr_scheduler import schedule_position
+from models import logits_of
 from optimizer import gradient_clip
 from utils import synchronize
 
@@ -80,7 +81,12 @@ def step_loss(t: Trainer, images: torch.Tensor, targets: torch.Tensor) -> torch.
     pre-training, where `targets` are the masks) the loss the model returns."""
     with autocast_context(t.amp_dtype, t.device):
         outputs = t.forward_module(images, targets) if t.pretraining else t.forward_module(images)
-    return outputs.float() if t.pretraining else t.criterion(outputs.float(), targets)
+    if t.pretraining:
+        return outputs.float()
+    if isinstance(outputs, tuple):  # Swin-MoE: (logits, its weighted auxiliary loss), added as officially
+        logits, aux_loss = outputs
+        return t.criterion(logits.float(), targets) + aux_loss.float()
+    return t.criterion(outputs.float(), targets)
 
 
 def train_one_epoch(t: Trainer, loader, epoch: int) -> EpochResult:
@@ -159,7 +165,7 @@ def _score(config, model: nn.Module, loader, prep, device: torch.device, amp_dty
     for step, (images, targets) in enumerate(DevicePrefetcher(loader, prep)):
         with autocast_context(amp_dtype, device):
             outputs = model(images)
-        outputs = outputs.float()
+        outputs = logits_of(outputs).float()
         top = outputs.topk(min(5, outputs.shape[1]), dim=1).indices.eq(targets[:, None])
         sums += torch.stack([F.cross_entropy(outputs, targets, reduction='sum').double(),
                              top[:, 0].sum().double(), top.any(dim=1).sum().double(),

@@ -18,6 +18,13 @@ from timm.utils import ModelEmaV3
 
 from checkpoints import sharded as sharded_files
 from checkpoints.checkpointer import Checkpointer
+from checkpoints.experts import (
+    expert_names,
+    gather_model_state,
+    gather_optimizer_state,
+    own_model_state,
+    own_optimizer_state,
+)
 from checkpoints.rng import capture_rng, restore_rng
 from checkpoints.training_state import check_training_checkpoint, load_model_and_optimizer
 from data import DevicePreprocessor
@@ -249,13 +256,18 @@ class Trainer:
         state and running loss, and ZeRO's optimizer state on rank 0); rank 0 gets the whole
         checkpoint, other ranks what they write themselves (with fsdp their shards)."""
         ranks = gather_objects({'rng': capture_rng(), 'loss_sum': float(self.loss_sum)})
+        ema = self.ema.module.state_dict() if self.ema is not None else None
         if self.sharded:
             state = sharded_files.state_dicts(self.model, self.optimizer)
         else:
             parallel.gather_optimizer_state(self.optimizer)  # a collective
+            state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict()}
+            if experts := expert_names(self.model):  # Swin-MoE: every rank's experts into one file
+                state['model'] = gather_model_state(state['model'], experts)
+                state['optimizer'] = gather_optimizer_state(state['optimizer'], self.model, self.optimizer, experts)
+                ema = gather_model_state(ema, experts) if ema is not None else None
             if not self.ctx.is_main:
                 return {}
-            state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict()}
         state.update({'lr_scheduler': self.scheduler.state_dict(),
                       'scaler': self.scaler.state_dict() if self.scaler else None,
                       'epoch': self.epoch - 1, 'max_accuracy': self.max_accuracy, 'config': self.config.dump(),
@@ -264,8 +276,8 @@ class Trainer:
                       'accumulation_steps': self.config.TRAIN.ACCUMULATION_STEPS, 'ranks': ranks})
         if self.epoch_step:
             state['epoch_step'] = self.epoch_step
-        if self.ema is not None:
-            state['model_ema'] = self.ema.module.state_dict()
+        if ema is not None:
+            state['model_ema'] = ema
             state['max_ema_accuracy'] = self.max_ema_accuracy
         return state
 
@@ -274,6 +286,7 @@ class Trainer:
         weights and optimizer state strictly, the scaler, the EMA, the best accuracies, and
         where training stands (on another setup: the same point in images seen)."""
         check_training_checkpoint(state, source)
+        state = self._own_experts(state, source)
         load_model_and_optimizer(self.model, self.optimizer, state, source)
         if self.scaler is not None and state.get('scaler'):
             self.scaler.load_state_dict(state['scaler'])
@@ -285,6 +298,17 @@ class Trainer:
         self.scheduler.step_update(schedule_position(self.updates_done))
         self.logger.info(f'resumed from {source}: continuing at epoch {self.epoch}'
                          + (f', micro-batch {self.epoch_step}' if self.epoch_step else ''))
+
+    def _own_experts(self, state: dict, source: str) -> dict:
+        """Swin-MoE: this rank's slice of the experts a checkpoint holds for all ranks."""
+        experts = expert_names(self.model)
+        if not experts or sharded_files.SHARDED in state:
+            return state
+        state = dict(state, model=own_model_state(state['model'], self.model, experts, source),
+                     optimizer=own_optimizer_state(state['optimizer'], self.model, self.optimizer, experts, source))
+        if state.get('model_ema') is not None:
+            state['model_ema'] = own_model_state(state['model_ema'], self.model, experts, source)
+        return state
 
     def _load_ema(self, weights: dict | None, source: str) -> None:
         if weights is None:  # the checkpoint had no EMA: the average starts from its weights

@@ -7,6 +7,7 @@ from yacs.config import CfgNode
 from .simmim import ENCODERS, SimMIM
 from .swin_mlp import SwinMLP
 from .swin_transformer import SwinTransformer
+from .swin_transformer_moe import SwinTransformerMoE
 from .swin_transformer_v2 import SwinTransformerV2
 
 CLASSIFIERS = {'swin': SwinTransformer, 'swinv2': SwinTransformerV2}
@@ -47,6 +48,22 @@ def _swin_mlp(config: CfgNode) -> SwinMLP:
                    patch_norm=s.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT)
 
 
+def _swin_moe(config: CfgNode) -> SwinTransformerMoE:
+    """The official constructor arguments from MODEL.SWIN_MOE (their names lower-cased)."""
+    s = config.MODEL.SWIN_MOE
+    options = {key.lower(): s[key] for key in (
+        'PATCH_SIZE', 'IN_CHANS', 'EMBED_DIM', 'WINDOW_SIZE', 'MLP_RATIO', 'QKV_BIAS', 'QK_SCALE', 'APE',
+        'PATCH_NORM', 'MLP_FC2_BIAS', 'INIT_STD', 'NUM_LOCAL_EXPERTS', 'TOP_VALUE', 'CAPACITY_FACTOR',
+        'COSINE_ROUTER', 'NORMALIZE_GATE', 'USE_BPR', 'IS_GSHARD_LOSS', 'GATE_NOISE', 'COSINE_ROUTER_DIM',
+        'COSINE_ROUTER_INIT_T', 'MOE_DROP', 'AUX_LOSS_WEIGHT')}
+    return SwinTransformerMoE(img_size=config.DATA.IMG_SIZE, num_classes=config.MODEL.NUM_CLASSES,
+                              depths=list(s.DEPTHS), num_heads=list(s.NUM_HEADS),
+                              pretrained_window_sizes=list(s.PRETRAINED_WINDOW_SIZES),
+                              moe_blocks=[list(b) for b in s.MOE_BLOCKS], drop_rate=config.MODEL.DROP_RATE,
+                              drop_path_rate=config.MODEL.DROP_PATH_RATE,
+                              use_checkpoint=config.TRAIN.USE_CHECKPOINT, **options)
+
+
 def build_model(config: CfgNode, is_pretrain: bool = False) -> nn.Module:
     """The classifier MODEL.TYPE names; with `is_pretrain`, the SimMIM model of that Swin
     backbone (official keys `encoder.*`, `decoder.*`; forward(images, mask) -> loss).
@@ -54,6 +71,8 @@ def build_model(config: CfgNode, is_pretrain: bool = False) -> nn.Module:
     model_type = config.MODEL.TYPE.lower()
     if model_type == 'swin_mlp' and not is_pretrain:
         return _swin_mlp(config)
+    if model_type == 'swin_moe' and not is_pretrain:
+        return _swin_moe(config)  # forward returns (logits, weighted auxiliary loss)
     if model_type not in CLASSIFIERS:
         raise ValueError(f"no {'SimMIM ' if is_pretrain else ''}model for MODEL.TYPE '{model_type}'")
     if is_pretrain:

@@ -124,6 +124,8 @@ def load_importance_loss(clean_scores: torch.Tensor, noisy_topk_logits: torch.Te
     load = 0.5 * (1 + torch.erf((clean_scores.float() - threshold) / (std * math.sqrt(2)))).sum(0)
 
     def cv2(v: torch.Tensor) -> torch.Tensor:
+        if v.numel() < 2:  # one expert: nothing to balance (the unbiased variance would be NaN)
+            return v.new_zeros(())
         return v.var() / (v.mean() ** 2 + 1e-10)
 
     return (cv2(importance) + cv2(load)) / 2

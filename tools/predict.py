@@ -25,6 +25,7 @@ from data.decode import DecodeError
 from data.device_prep import DevicePreprocessor
 from data.sources import class_folders
 from data.transforms import build_transform
+from models import logits_of
 from utils import USER_ERRORS, ToolError
 
 BATCH = 32  # images per forward pass, so a long list of files needs no more memory
@@ -93,7 +94,7 @@ def top_classes(model: torch.nn.Module, images: torch.Tensor,
                 prep: DevicePreprocessor) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities, class indices) of the top classes of uint8 images (B, 3, S, S)."""
     normalized, _ = prep(images, torch.zeros(len(images), dtype=torch.long))
-    probs = model(normalized).float().softmax(dim=1)
+    probs = logits_of(model(normalized)).float().softmax(dim=1)
     return probs.topk(min(TOP, probs.shape[1]), dim=1)
 
 

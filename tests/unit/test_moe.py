@@ -228,3 +228,9 @@ def test_flops_count_moe_blocks_as_capacity_times_k_mlps():
 def test_sharded_experts_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match='num_local_experts -4'):
         layer(num_local_experts=-4)
+
+
+def test_load_importance_loss_of_a_single_expert_is_zero_not_nan():
+    scores = torch.ones(5, 1)
+    loss = load_importance_loss(scores, torch.randn(5, 1), gate_noise=1.0)
+    assert loss.item() == 0.0

@@ -3,6 +3,7 @@ published sizes, official state_dict keys and checkpoint loading, odd input size
 import argparse
 import math
 import os
+import re
 
 import pytest
 import timm
@@ -14,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from config import get_config, model_arch
 from helpers.models import rel_err, set_fused
 from helpers.runs import ROOT
-from models import build_model
+from models import build_model, logits_of
 from models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
 
 TINY = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24])
@@ -343,9 +344,10 @@ def _shipped_configs() -> list[str]:
     implemented), the demo ones and the flat files that are not links into the folders."""
     configs = os.path.join(ROOT, 'configs')
     flat = [p for p in os.listdir(configs) if p.endswith('.yaml') and not os.path.islink(os.path.join(configs, p))]
-    folders = [f'{d}/{p}' for d in ('swin', 'swinv2', 'swinmlp', 'simmim', 'demo')
+    folders = [f'{d}/{p}' for d in ('swin', 'swinv2', 'swinmlp', 'swinmoe', 'simmim', 'demo')
                for p in os.listdir(os.path.join(configs, d)) if p.endswith('.yaml')]
-    return sorted(flat + folders)
+    # the official MoE files that share one expert over several GPUs are refused at validation
+    return sorted(c for c in flat + folders if not re.search(r'_(8|16)expert_32gpu', c))
 
 
 @pytest.mark.parametrize('cfg', _shipped_configs())
@@ -372,7 +374,7 @@ def test_every_config_builds_its_model(cfg, tmp_path):
         f'{section}.DEPTHS', str([min(d, 2) for d in s.DEPTHS]), 'MODEL.NUM_CLASSES', '5']))
     model = build_model(small).eval()
     with torch.no_grad():
-        out = model(torch.randn(1, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE))
+        out = logits_of(model(torch.randn(1, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)))
     assert out.shape == (1, 5) and out.isfinite().all()
 
 
