@@ -5,7 +5,8 @@ r*E .. (r+1)*E - 1). Writing a checkpoint, every rank takes part in gathering th
 tensors (weights, their optimizer moments, the EMA copy) along the expert dimension, so rank
 0's file has the layout of one process holding all experts; resuming, each rank takes its
 own slice back. A file thus needs no companion files and stays valid if a rank's disk
-fails; a run resumes it on the same number of experts per rank x ranks.
+fails; a run resumes it on the same number of experts per rank x ranks. The official
+training writes one file per rank instead; tools/consolidate_checkpoint.py merges those.
 """
 from __future__ import annotations
 
@@ -72,3 +73,4 @@ def own_optimizer_state(state: dict, model: nn.Module, optimizer: torch.optim.Op
             per_param[i] = {k: _own_slice(v, local, 'its optimizer state', source)
                             if torch.is_tensor(v) and v.dim() > 0 else v for k, v in per_param[i].items()}
     return dict(state, state=per_param)
+

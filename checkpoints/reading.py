@@ -19,6 +19,7 @@ from models.adapt import LoadReport, fit_weights
 from utils import CheckpointError, error_line
 
 from . import sharded
+from .experts import expert_names, own_model_state
 from .folder import resume_candidates
 
 
@@ -84,4 +85,7 @@ def load_pretrained(model: torch.nn.Module, path: str, logger: logging.Logger, c
     as a fine-tuning needs (models.adapt.fit_weights). `allow_head_reinit` False
     (evaluation) makes a class-count mismatch without a class map an error rather than a
     head of zeros."""
-    return fit_weights(model, model_state_dict(read_checkpoint(path)), path, logger, class_map, allow_head_reinit)
+    state = model_state_dict(read_checkpoint(path))
+    if experts := expert_names(model):  # Swin-MoE over several ranks: this rank's experts of the file's all
+        state = own_model_state(state, model, experts, path)
+    return fit_weights(model, state, path, logger, class_map, allow_head_reinit)

@@ -10,6 +10,7 @@ import sys
 import torch
 
 from helpers.runs import ROOT, free_port, one_line_error, read_metrics, run_main
+from tools import consolidate_checkpoint
 
 MOE = ['MODEL.TYPE', 'swin_moe', 'MODEL.SWIN_MOE.EMBED_DIM', '16', 'MODEL.SWIN_MOE.DEPTHS', '[2, 2]',
        'MODEL.SWIN_MOE.NUM_HEADS', '[2, 4]', 'MODEL.SWIN_MOE.WINDOW_SIZE', '4',
@@ -68,3 +69,29 @@ def test_experts_over_two_processes_checkpoint_resume_and_evaluate(cfg_file, tmp
               cwd=tmp_path)
     line = read_metrics(tmp_path / 'eval' / 'tiny' / 'default')[-1]
     assert line['n_images'] == 21 and line['acc1'] == read_metrics(run_dir)[-1]['acc1']
+
+
+def test_official_per_rank_files_consolidate_into_one(cfg_file, tmp_path, capsys):
+    """The official layout: PREFIX.rank{r} with each rank's experts, PREFIX.master with the
+    rest; merged in rank order into one file that --eval reads like our own."""
+    experts = ['MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS', '2']
+    assert run_main(cfg_file, tmp_path / 'train', '--opts', 'TRAIN.EPOCHS', '1', *MOE, *experts) == 0
+    run_dir = tmp_path / 'train' / 'tiny' / 'default'
+    full = torch.load(run_dir / 'ckpt_epoch_0.pth', weights_only=True)['model']
+    prefix = tmp_path / 'official' / 'ckpt_epoch_final.pth'
+    prefix.parent.mkdir()
+    dense = {k: v for k, v in full.items() if '._moe_layer.experts.' not in k}
+    torch.save({'model': dense}, f'{prefix}.master')
+    for rank in range(2):
+        torch.save({'model': {k: v[rank:rank + 1] for k, v in full.items() if k not in dense}}, f'{prefix}.rank{rank}')
+    out = tmp_path / 'one.pth'
+    assert consolidate_checkpoint.main(['--checkpoint', str(prefix), '--output', str(out)]) == 0
+    merged = torch.load(out, weights_only=True)['model']
+    assert merged.keys() == full.keys() and all(torch.equal(v, merged[k]) for k, v in full.items())
+    assert run_main(cfg_file, tmp_path / 'eval', '--eval', '--resume', str(out), '--opts', *MOE, *experts) == 0
+    assert read_metrics(tmp_path / 'eval' / 'tiny' / 'default')[-1]['acc1'] == read_metrics(run_dir)[-1]['acc1']
+    # a gap in the rank files is one line
+    (tmp_path / 'official' / 'ckpt_epoch_final.pth.rank1').rename(tmp_path / 'official' / 'ckpt_epoch_final.pth.rank2')
+    capsys.readouterr()
+    assert consolidate_checkpoint.main(['--checkpoint', str(prefix), '--output', str(out)]) == 2
+    assert 'rank2' in one_line_error(capsys)
