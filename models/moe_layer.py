@@ -219,6 +219,11 @@ class LocalDispatch:
     def max_over_ranks(self, n: int, device: torch.device | None = None) -> int:
         return n
 
+    def __deepcopy__(self, memo) -> LocalDispatch:
+        # a copy of the model (the EMA's) exchanges tokens over the same ranks and group,
+        # which cannot be copied anyway
+        return self
+
 
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single over dim 0 in equal splits; its gradient is the same exchange back.

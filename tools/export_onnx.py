@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> bool:
     """Export and check; whether the check passed."""
     ort = _import_onnxruntime()
     config, model = load_model(args.checkpoint, args.cfg, args.ema, torch.device('cpu'))
+    if config.MODEL.TYPE == 'swin_moe':  # data-dependent routing and capacity: no static graph
+        raise ToolError('ONNX export of Swin-MoE is not supported (its token routing depends on the data)')
     size = config.DATA.IMG_SIZE
     export(model, size, args.opset, args.output)
     try:

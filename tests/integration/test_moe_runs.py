@@ -6,11 +6,16 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 from helpers.runs import ROOT, free_port, one_line_error, read_metrics, run_main
-from tools import consolidate_checkpoint
+
+sys.path.insert(0, os.path.join(ROOT, 'tools'))  # the tools import their sibling modules as a script does
+import consolidate_checkpoint
+import export_onnx
+import predict
 
 MOE = ['MODEL.TYPE', 'swin_moe', 'MODEL.SWIN_MOE.EMBED_DIM', '16', 'MODEL.SWIN_MOE.DEPTHS', '[2, 2]',
        'MODEL.SWIN_MOE.NUM_HEADS', '[2, 4]', 'MODEL.SWIN_MOE.WINDOW_SIZE', '4',
@@ -28,7 +33,7 @@ def _torchrun(cfg_file, out, *args, cwd):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_one_process_holds_every_expert_and_evaluates_its_checkpoint(cfg_file, tmp_path, capsys):
+def test_one_process_holds_every_expert_and_evaluates_its_checkpoint(cfg_file, data_root, tmp_path, capsys):
     experts = ['MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS', '2']
     assert run_main(cfg_file, tmp_path / 'train', '--opts', 'TRAIN.EPOCHS', '2', *MOE, *experts) == 0
     run_dir = tmp_path / 'train' / 'tiny' / 'default'
@@ -39,6 +44,13 @@ def test_one_process_holds_every_expert_and_evaluates_its_checkpoint(cfg_file, t
     assert run_main(cfg_file, tmp_path / 'eval', '--eval', '--resume', str(run_dir / 'ckpt_epoch_1.pth'),
                     '--opts', *MOE, *experts) == 0
     assert read_metrics(tmp_path / 'eval' / 'tiny' / 'default')[-1]['acc1'] == metrics[-1]['acc1']
+    capsys.readouterr()
+    assert export_onnx.main(['--checkpoint', str(run_dir / 'ckpt_epoch_1.pth'), '--output',
+                             str(tmp_path / 'moe.onnx')]) == 2
+    assert 'Swin-MoE' in one_line_error(capsys)
+    image = sorted(Path(data_root).rglob('*.jpg'))[0]
+    assert predict.main(['--checkpoint', str(run_dir / 'ckpt_epoch_1.pth'), str(image)]) == 0
+    assert '1. class' in capsys.readouterr().out  # the top class, read from the logits of (logits, aux)
     # the same file in a model placing another number of experts: one line naming the misfit
     capsys.readouterr()
     assert run_main(cfg_file, tmp_path / 'other', '--eval', '--resume', str(run_dir / 'ckpt_epoch_1.pth'),

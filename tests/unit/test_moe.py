@@ -1,6 +1,7 @@
 """Swin-MoE in one process: routing (top-k, capacity, drops, batch-prioritized order), the
 auxiliary losses, gates, the MoE layer against a per-token reference and a dense MLP, and the
 model's outputs, keys and FLOPs."""
+import copy
 import math
 
 import pytest
@@ -234,3 +235,14 @@ def test_load_importance_loss_of_a_single_expert_is_zero_not_nan():
     scores = torch.ones(5, 1)
     loss = load_importance_loss(scores, torch.randn(5, 1), gate_noise=1.0)
     assert loss.item() == 0.0
+
+
+def test_a_copied_model_shares_its_dispatch():
+    """The EMA deep-copies the model; the process group the dispatch holds cannot be copied,
+    and the copy must exchange tokens over the same ranks."""
+    model = SwinTransformerMoE(**TINY_MOE, moe_blocks=[[1], [1]], num_local_experts=2)
+    clone = copy.deepcopy(model)
+    assert clone.dispatch is model.dispatch
+    assert clone.layers[0].blocks[1].mlp._moe_layer.dispatch is model.dispatch
+    assert clone.layers[0].blocks[1].mlp._moe_layer.experts.batched_fc1_w is not \
+        model.layers[0].blocks[1].mlp._moe_layer.experts.batched_fc1_w
