@@ -725,9 +725,10 @@ def _validate_moe(config: CN) -> None:
     _check(config.TRAIN.PARALLEL == 'ddp', f"Swin-MoE trains with TRAIN.PARALLEL ddp (experts are split over the "
            f"ranks, the rest replicated), not '{config.TRAIN.PARALLEL}'")
     _check(not config.TRAIN.COMPILE, 'Swin-MoE runs eagerly: turn TRAIN.COMPILE (--compile) off')
-    _check(moe.NUM_LOCAL_EXPERTS >= 1 or moe.NUM_LOCAL_EXPERTS == -1,
-           f'MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS {moe.NUM_LOCAL_EXPERTS}: one expert shared by several ranks (below -1) '
-           f'is not supported; give the experts per rank (>= 1)')
+    # n >= 1 experts per rank, or -n: one expert sharded over n ranks (the world size, unknown
+    # here, must be a multiple of n: the model checks it).
+    _check(moe.NUM_LOCAL_EXPERTS != 0, 'MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS must be n >= 1 (experts per rank) or -n '
+           '(one expert shared by n ranks), not 0')
     _check(moe.TOP_VALUE in (1, 2), f'MODEL.SWIN_MOE.TOP_VALUE must be 1 or 2, not {moe.TOP_VALUE}')
     _check(len(moe.MOE_BLOCKS) >= len(moe.DEPTHS), f'MODEL.SWIN_MOE.MOE_BLOCKS needs one list per stage '
            f'({len(moe.DEPTHS)}), got {len(moe.MOE_BLOCKS)}')

@@ -5,7 +5,9 @@ r*E .. (r+1)*E - 1). Writing a checkpoint, every rank takes part in gathering th
 tensors (weights, their optimizer moments, the EMA copy) along the expert dimension, so rank
 0's file has the layout of one process holding all experts; resuming, each rank takes its
 own slice back. A file thus needs no companion files and stays valid if a rank's disk
-fails; a run resumes it on the same number of experts per rank x ranks. The official
+fails; a run resumes it on the same number of experts per rank x ranks. Sharded experts
+(NUM_LOCAL_EXPERTS -n) gather the same way, one row per rank (its hidden slice): such a file
+resumes on the same world size and n. The official
 training writes one file per rank instead; tools/consolidate_checkpoint.py merges those.
 """
 from __future__ import annotations

@@ -166,16 +166,28 @@ class CosineGate(nn.Module):
 class FusedExperts(nn.Module):
     """This rank's experts as batched weights, one bmm per layer for all of them (Tutel's
     `ffn` experts: `batched_fc1_w` (E, hidden, dim), `batched_fc2_w` (E, hidden, dim),
-    `batched_fc1_bias` (E, hidden), `batched_fc2_bias` (E, dim))."""
+    `batched_fc1_bias` (E, hidden), `batched_fc2_bias` (E, dim)).
+
+    Sharded (`shards` n > 1, one expert shared by n ranks): this rank holds slice `shard_index`
+    of the hidden dimension, with Tutel's per-rank shapes (1, hidden / n, dim) and (1, hidden / n),
+    and slice `shard_index` of fc2's bias, (1, ceil(dim / n)). Its output is a partial sum over
+    its hidden slice; the n partial outputs are summed by the dispatch. Tutel gathers the bias
+    slices and adds bias / n on each shard; adding each shard's own slice in its columns gives
+    the same sum and the same gradients without a collective."""
 
     def __init__(self, num_experts: int, model_dim: int, hidden_dim: int, drop: float = 0.,
-                 fc2_bias: bool = True, init_std: float = 0.02):
+                 fc2_bias: bool = True, init_std: float = 0.02, shards: int = 1, shard_index: int = 0):
         super().__init__()
-        self.batched_fc1_w = nn.Parameter(torch.empty(num_experts, hidden_dim, model_dim))
-        self.batched_fc2_w = nn.Parameter(torch.empty(num_experts, hidden_dim, model_dim))
-        self.batched_fc1_bias = nn.Parameter(torch.zeros(num_experts, hidden_dim))
+        if hidden_dim % shards:
+            raise ValueError(f'the experts\' hidden size {hidden_dim} cannot be split into {shards} equal shards')
+        hidden, self.shards, self.shard_index = hidden_dim // shards, shards, shard_index
+        self.model_dim = model_dim
+        self.batched_fc1_w = nn.Parameter(torch.empty(num_experts, hidden, model_dim))
+        self.batched_fc2_w = nn.Parameter(torch.empty(num_experts, hidden, model_dim))
+        self.batched_fc1_bias = nn.Parameter(torch.zeros(num_experts, hidden))
         # Without an fc2 bias the official keeps the (zero) parameter and freezes it: same keys.
-        self.batched_fc2_bias = nn.Parameter(torch.zeros(num_experts, model_dim), requires_grad=fc2_bias)
+        bias_width = -(-model_dim // shards)
+        self.batched_fc2_bias = nn.Parameter(torch.zeros(num_experts, bias_width), requires_grad=fc2_bias)
         self.drop = nn.Dropout(drop)
         self.init_std = init_std
         self.reset_parameters()
@@ -189,15 +201,27 @@ class FusedExperts(nn.Module):
         nn.init.zeros_(self.batched_fc1_bias)
         nn.init.zeros_(self.batched_fc2_bias)
 
+    def fc2_bias(self) -> torch.Tensor:
+        """(E, dim): the bias this rank adds, its own slice in its columns when sharded (zeros
+        elsewhere), so that the sum over the shards adds the whole bias once."""
+        bias = self.batched_fc2_bias
+        if self.shards == 1:
+            return bias
+        width = bias.shape[1]
+        start = self.shard_index * width
+        return F.pad(bias, (start, (self.shards - 1 - self.shard_index) * width))[:, :self.model_dim]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(E, tokens, dim) -> (E, tokens, dim): fc1, GELU, dropout, fc2 for each expert."""
+        """(E, tokens, dim) -> (E, tokens, dim): fc1, GELU, dropout, fc2 for each expert (its
+        hidden slice's share of the output when sharded)."""
         h = torch.baddbmm(self.batched_fc1_bias.unsqueeze(1).to(x.dtype), x, self.batched_fc1_w.to(x.dtype).mT)
         h = self.drop(F.gelu(h))
-        return torch.baddbmm(self.batched_fc2_bias.unsqueeze(1).to(x.dtype), h, self.batched_fc2_w.to(x.dtype))
+        return torch.baddbmm(self.fc2_bias().unsqueeze(1).to(x.dtype), h, self.batched_fc2_w.to(x.dtype))
 
     def extra_repr(self) -> str:
         E, hidden, dim = self.batched_fc1_w.shape
-        return f'local_experts={E}, model_dim={dim}, hidden={hidden}'
+        shard = f', hidden shard {self.shard_index + 1} of {self.shards}' if self.shards > 1 else ''
+        return f'local_experts={E}, model_dim={dim}, hidden={hidden}{shard}'
 
 
 # --- dispatch between ranks ----------------------------------------------------------------
@@ -208,12 +232,15 @@ class LocalDispatch:
     world_size = 1
     rank = 0
 
-    def exchange(self, x: torch.Tensor) -> torch.Tensor:
-        """(E, C, dim) slots of this rank's tokens -> (local E, ranks * C, dim) slots for local experts."""
+    def exchange(self, x: torch.Tensor, shards: int = 1) -> torch.Tensor:
+        """(E, C, dim) slots of this rank's tokens -> (local E, ranks * C, dim) slots for local
+        experts. `shards` n > 1: each expert is split over n ranks, all of which get its slots.
+        (In one process every expert is whole: n is 1.)"""
         return x
 
-    def combine(self, y: torch.Tensor) -> torch.Tensor:
-        """The inverse of `exchange`: local experts' outputs back to the ranks that sent the tokens."""
+    def combine(self, y: torch.Tensor, shards: int = 1) -> torch.Tensor:
+        """The inverse of `exchange`: local experts' outputs back to the ranks that sent the
+        tokens (summed over an expert's n shards)."""
         return y
 
     def max_over_ranks(self, n: int, device: torch.device | None = None) -> int:
@@ -243,24 +270,31 @@ class _AllToAll(torch.autograd.Function):
 
 class AllToAllDispatch(LocalDispatch):
     """Expert parallelism: rank r holds global experts [r * local E, (r + 1) * local E); every
-    rank sends each expert's slots to the rank that holds it (gloo on CPU, nccl on CUDA)."""
+    rank sends each expert's slots to the rank that holds it (gloo on CPU, nccl on CUDA).
+    Sharded experts (n ranks per expert): rank r holds slice r % n of expert r // n, as Tutel
+    lays them out; each expert's slot block is sent to its n ranks (a copy each), and the n
+    partial outputs that come back are summed (the copy's and the sum's gradients are the sum
+    and the copy: autograd handles both)."""
 
     def __init__(self, group=None):
         self.group = group if group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
 
-    def exchange(self, x: torch.Tensor) -> torch.Tensor:
+    def exchange(self, x: torch.Tensor, shards: int = 1) -> torch.Tensor:
+        if shards > 1:  # one block per destination rank: expert e's copies go to ranks e*n .. e*n + n-1
+            x = x.repeat_interleave(shards, dim=0)
         E, C, M = x.shape
         received = _AllToAll.apply(x, self.group)  # (ranks * local E, C, M), source rank major
         local = E // self.world_size
         return received.view(self.world_size, local, C, M).transpose(0, 1).reshape(local, -1, M)
 
-    def combine(self, y: torch.Tensor) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, shards: int = 1) -> torch.Tensor:
         local, WC, M = y.shape
         C = WC // self.world_size
         y = y.view(local, self.world_size, C, M).transpose(0, 1).reshape(-1, C, M)
-        return _AllToAll.apply(y, self.group)
+        y = _AllToAll.apply(y, self.group)  # (global E * shards, C, M)
+        return y.view(-1, shards, C, M).sum(1) if shards > 1 else y
 
     def max_over_ranks(self, n: int, device: torch.device | None = None) -> int:
         t = torch.tensor([n], dtype=torch.long, device=device)  # the tokens' device: nccl needs CUDA
@@ -300,16 +334,23 @@ def decode(y: torch.Tensor, routing: Routing) -> torch.Tensor:
     return (picked * weight.unsqueeze(-1)).sum(1)
 
 
-def local_expert_count(num_local_experts: int) -> int:
-    """Experts each rank holds. Tutel reads -1 as 1; other negative counts (-n: one expert
-    sharded over n ranks, as the official 8-expert configs use) need each expert's hidden layer
-    split over ranks, which is not built here."""
-    if num_local_experts == -1:
-        return 1
-    if num_local_experts <= 0:
-        raise ValueError(f'num_local_experts {num_local_experts}: experts sharded over several ranks '
-                         f'(negative counts other than -1) are not supported; use a positive count')
-    return int(num_local_experts)
+def expert_layout(num_local_experts: int, world_size: int) -> tuple[int, int]:
+    """(experts each rank holds, ranks sharing each expert) for Tutel's `count_per_node`:
+    n >= 1 experts per rank; -1 reads as 1; -n (n > 1): one expert sharded over n ranks, so
+    world_size / n experts in all. One process (world size 1) holds one whole expert for -n
+    (Tutel asserts world size >= n instead): there is nothing to shard it over, and so one
+    process can build or evaluate an official sharded config."""
+    if num_local_experts == 0:
+        raise ValueError('MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS must not be 0')
+    if num_local_experts > 0 or num_local_experts == -1:
+        return abs(int(num_local_experts)), 1
+    shards = -int(num_local_experts)
+    if world_size == 1:
+        return 1, 1
+    if world_size % shards:
+        raise ValueError(f'MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS {num_local_experts} shares each expert over {shards} '
+                         f'ranks, but the world size {world_size} is not a multiple of {shards}')
+    return 1, shards
 
 
 class MoELayer(nn.Module):
@@ -326,8 +367,8 @@ class MoELayer(nn.Module):
                  fc2_bias: bool = True, init_std: float = 0.02, dispatch: LocalDispatch | None = None):
         super().__init__()
         self.dispatch = dispatch if dispatch is not None else default_dispatch()
-        self.num_local_experts = local_expert_count(num_local_experts)
-        num_experts = self.num_local_experts * self.dispatch.world_size
+        self.num_local_experts, self.shards = expert_layout(num_local_experts, self.dispatch.world_size)
+        num_experts = self.num_local_experts * self.dispatch.world_size // self.shards
         self.register_buffer('_num_global_experts', torch.tensor(num_experts))
         self.top_k = min(top_k, num_experts)
         self.capacity_factor = capacity_factor
@@ -338,7 +379,8 @@ class MoELayer(nn.Module):
         gate = (CosineGate(model_dim, num_experts, cosine_router_dim, cosine_router_init_t) if cosine_router
                 else LinearGate(model_dim, num_experts))
         self.gates = nn.ModuleList([gate])
-        self.experts = FusedExperts(self.num_local_experts, model_dim, hidden_dim, moe_drop, fc2_bias, init_std)
+        self.experts = FusedExperts(self.num_local_experts, model_dim, hidden_dim, moe_drop, fc2_bias, init_std,
+                                    self.shards, self.dispatch.rank % self.shards)
 
     @property
     def num_global_experts(self) -> int:
@@ -373,7 +415,7 @@ class MoELayer(nn.Module):
         routing = route(scores, self.top_k, self.capacity_factor, self.batch_prioritized_routing,
                         self.normalize_gate, self.dispatch.max_over_ranks, num_tokens)
         slots = encode(tokens, routing, self.num_global_experts)
-        out = self.dispatch.combine(self.experts(self.dispatch.exchange(slots)))
+        out = self.dispatch.combine(self.experts(self.dispatch.exchange(slots, self.shards)), self.shards)
         return decode(out, routing).view(shape), l_aux
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -392,5 +434,6 @@ class MoELayer(nn.Module):
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f'experts={self.num_global_experts} over {self.dispatch.world_size} rank(s), top_k={self.top_k}, '
-                f'capacity_factor={self.capacity_factor}, gate_noise={self.gate_noise}')
+        shards = f' ({self.shards} ranks per expert)' if self.shards > 1 else ''
+        return (f'experts={self.num_global_experts} over {self.dispatch.world_size} rank(s){shards}, '
+                f'top_k={self.top_k}, capacity_factor={self.capacity_factor}, gate_noise={self.gate_noise}')

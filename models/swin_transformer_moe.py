@@ -10,9 +10,11 @@ V1's (`swin_transformer`), as Swin-MLP reuses them.
 
 Expert parallelism: with a process group of several ranks each rank holds `num_local_experts`
 experts (of num_local_experts * world_size) and tokens travel by all-to-all; everything else is
-data parallel. Expert parameters carry `skip_allreduce = True` and their names are listed in
-`_ddp_params_and_buffers_to_ignore` (which DDP reads), so DDP neither broadcasts nor averages
-them; a checkpoint of the experts is per rank.
+data parallel. A negative `num_local_experts` -n shares one expert over n ranks (world_size / n
+experts; each rank holds a 1/n slice of its expert's hidden layer, see `moe_layer.FusedExperts`).
+Expert parameters (shards included) carry `skip_allreduce = True` and their names are listed
+in `_ddp_params_and_buffers_to_ignore` (which DDP reads), so DDP neither broadcasts nor
+averages them; a checkpoint of the experts is per rank.
 """
 from __future__ import annotations
 

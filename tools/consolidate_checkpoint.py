@@ -7,7 +7,9 @@ the official Swin-MoE per-rank files, for evaluation and release:
 Swin-MoE: the official training writes PREFIX.rank0, .rank1, ... (each rank's experts) and,
 for its final checkpoint, PREFIX.master (the rest); given PREFIX, the experts are
 concatenated in rank order into `{'model'}`, which runs here read as they read their own
-checkpoints (MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS x processes must equal the experts it holds).
+checkpoints (MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS x processes must equal the experts it holds;
+with experts shared by n processes, NUM_LOCAL_EXPERTS -n, it holds one slice per rank and
+runs on the same number of processes).
 
 The shards are read by this one process (no launcher, no GPU) into full tensors, loaded
 strictly into the model the checkpoint's config describes (so a file that does not fit

@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from models.layers import Mlp
-from models.moe_layer import LocalDispatch, MoELayer, capacity_of, gshard_loss, load_importance_loss, route
+from models.moe_layer import (
+    FusedExperts,
+    LocalDispatch,
+    MoELayer,
+    capacity_of,
+    gshard_loss,
+    load_importance_loss,
+    route,
+)
 from models.swin_transformer_moe import SwinTransformerMoE
 
 TINY_MOE = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
@@ -226,9 +234,66 @@ def test_flops_count_moe_blocks_as_capacity_times_k_mlps():
     assert math.isclose(moe.flops() - dense.flops(), mlp * (1.25 * 2 - 1))
 
 
-def test_sharded_experts_are_refused_with_a_clear_message():
-    with pytest.raises(ValueError, match='num_local_experts -4'):
-        layer(num_local_experts=-4)
+class FakeRanks(LocalDispatch):
+    """A dispatch that reports a world of several ranks: enough to build (not run) a layer."""
+
+    def __init__(self, world_size: int, rank: int):
+        self.world_size, self.rank = world_size, rank
+
+
+@pytest.mark.parametrize('n,rank', [(2, 3), (4, 1)])
+def test_sharded_experts_hold_tutels_per_rank_shapes(n, rank):
+    """-n: one expert over n ranks; each rank holds slice rank % n of its hidden layer and of
+    fc2's bias (Tutel's shapes, so official per-rank checkpoints load), outside DDP."""
+    moe = layer(num_local_experts=-n, dispatch=FakeRanks(4, rank))  # dim 8, hidden 12
+    assert moe.num_global_experts == 4 // n and moe.shards == n and moe.experts.shard_index == rank % n
+    shapes = {name: tuple(p.shape) for name, p in moe.experts.named_parameters()}
+    assert shapes == {'batched_fc1_w': (1, 12 // n, 8), 'batched_fc2_w': (1, 12 // n, 8),
+                      'batched_fc1_bias': (1, 12 // n), 'batched_fc2_bias': (1, 8 // n)}
+    assert all(getattr(p, 'skip_allreduce', False) for p in moe.experts.parameters())
+    model = SwinTransformerMoE(**{**TINY_MOE, 'dispatch': FakeRanks(4, rank)}, moe_blocks=[[1], [1]],
+                               num_local_experts=-n)
+    experts = [name for name, _ in model.named_parameters() if '.experts.' in name]
+    assert len(experts) == 8 and sorted(model._ddp_params_and_buffers_to_ignore) == sorted(experts)
+
+
+def test_sharded_experts_need_a_world_size_multiple_of_n():
+    with pytest.raises(ValueError, match=r'NUM_LOCAL_EXPERTS -3 .* world size 4 is not a multiple of 3'):
+        layer(num_local_experts=-3, dispatch=FakeRanks(4, 0))
+    with pytest.raises(ValueError, match='hidden size 12 cannot be split into 8'):
+        layer(num_local_experts=-8, dispatch=FakeRanks(8, 0))
+    with pytest.raises(ValueError, match='NUM_LOCAL_EXPERTS must not be 0'):
+        layer(num_local_experts=0)
+
+
+def test_one_process_holds_a_whole_sharded_expert():
+    """World size 1 (building or evaluating an official -4 config in one process): nothing to
+    shard over, the process holds the whole expert."""
+    moe = layer(num_local_experts=-4)
+    assert moe.num_global_experts == 1 and moe.shards == 1
+    assert moe.experts.batched_fc1_w.shape == (1, 12, 8) and moe.experts.batched_fc2_bias.shape == (1, 8)
+
+
+@pytest.mark.parametrize('n', [2, 3])
+def test_shard_outputs_sum_to_the_whole_expert(n):
+    """The partial outputs of an expert's n hidden slices add up to the expert's output, fc2's
+    bias once (each shard adds its own slice; with 3 shards of dim 8 the last is padded)."""
+    whole = FusedExperts(2, 8, 12)
+    with torch.no_grad():
+        whole.batched_fc1_bias.normal_()
+        whole.batched_fc2_bias.normal_()
+    x = torch.randn(2, 5, 8)
+    width = -(-8 // n)
+    total = 0
+    for s in range(n):
+        shard = FusedExperts(2, 8, 12, shards=n, shard_index=s)
+        hidden = slice(s * 12 // n, (s + 1) * 12 // n)
+        bias = F.pad(whole.batched_fc2_bias.detach(), (0, n * width - 8))[:, s * width:(s + 1) * width]
+        shard.load_state_dict({'batched_fc1_w': whole.batched_fc1_w[:, hidden], 'batched_fc2_w':
+                               whole.batched_fc2_w[:, hidden], 'batched_fc1_bias': whole.batched_fc1_bias[:, hidden],
+                               'batched_fc2_bias': bias})
+        total = total + shard(x)
+    torch.testing.assert_close(total, whole(x), rtol=1e-5, atol=1e-5)
 
 
 def test_load_importance_loss_of_a_single_expert_is_zero_not_nan():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -355,15 +356,14 @@ def test_official_folders_hold_exactly_the_official_files():
 
 def _shares_experts(path) -> bool:
     """The official Swin-MoE files that share one expert over several GPUs (NUM_LOCAL_EXPERTS
-    -2 or -4: Tutel's sharded experts), which runs here do not support."""
+    -2 or -4: Tutel's sharded experts)."""
     return yaml_values(path).get('MODEL', {}).get('SWIN_MOE', {}).get('NUM_LOCAL_EXPERTS', 1) < -1
 
 
 SHARED_EXPERT_PATHS = [p for p in OFFICIAL_PATHS if _shares_experts(p)]
 
 
-@pytest.mark.parametrize('path', [p for p in OFFICIAL_PATHS if p not in SHARED_EXPERT_PATHS],
-                         ids=lambda p: p.relative_to(CONFIGS).as_posix())
+@pytest.mark.parametrize('path', OFFICIAL_PATHS, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_official_file_loads_with_its_own_values(path):
     cfg = load(path)
     assert len(list(leaves(yaml_values(path)))) >= 5
@@ -371,11 +371,12 @@ def test_official_file_loads_with_its_own_values(path):
     assert config.model_arch(cfg)[1] == 'MODEL.' + config.ARCH_SECTIONS[cfg.MODEL.TYPE]
 
 
-@pytest.mark.parametrize('path', SHARED_EXPERT_PATHS, ids=lambda p: p.relative_to(CONFIGS).as_posix())
-def test_shared_expert_file_reads_its_values_then_stops_in_one_line(path):
-    assert len(SHARED_EXPERT_PATHS) == 4  # the 8- and 16-expert files on 32 GPUs
-    assert not mismatches(merged_only(path), path, through_get_config=False)
-    expect_error(lambda: load(path), 'MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS', 'not supported')
+def test_the_shared_expert_files_are_the_8_and_16_expert_ones():
+    assert len(SHARED_EXPERT_PATHS) == 4  # the 8- and 16-expert files on 32 GPUs: -4 and -2
+    assert all(re.search(r'_(8|16)expert_32gpu', p.name) for p in SHARED_EXPERT_PATHS)
+    for path in SHARED_EXPERT_PATHS:
+        experts = 8 if '_8expert' in path.name else 16
+        assert load(path).MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS == -(32 // experts)
 
 
 def test_value_check_detects_a_difference():
@@ -451,11 +452,11 @@ def test_swin_moe_runs_only_what_it_supports():
     expect_error(lambda: load(tiny, opts=['MODEL.TYPE', 'swin_mpl']), "did you mean 'swin_mlp'")
 
 
-def test_shared_expert_file_exits_with_code_2(capsys):
+def test_zero_local_experts_exits_with_code_2(capsys):
     path = CONFIGS / 'swinmoe' / 'swin_moe_base_patch4_window12_192_8expert_32gpu_22k.yaml'
-    assert main.main(['--cfg', str(path), '--throughput']) == 2
+    assert main.main(['--cfg', str(path), '--throughput', '--opts', 'MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS', '0']) == 2
     err = capsys.readouterr().err
-    assert err.count('\n') == 1 and 'NUM_LOCAL_EXPERTS -4' in err
+    assert err.count('\n') == 1 and 'NUM_LOCAL_EXPERTS' in err
 
 
 # ----------------------------------------------------------------------------- SimMIM and AMP keys
