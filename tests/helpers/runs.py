@@ -95,3 +95,18 @@ def collect(procs: dict[str, subprocess.Popen], timeout: float) -> dict:
             if proc.poll() is None:
                 proc.kill()
     return results
+
+
+def stop_at(monkeypatch, call: int) -> None:
+    """Make every rank agree to stop at the `call`-th stop check (one after each optimizer
+    update and one after each epoch's validation), as a signal would."""
+    from engine import preemption
+    seen = {'n': 0}
+
+    def agreed(self, *updates_done):
+        seen['n'] += 1
+        if seen['n'] == call:
+            self.signal_name = 'SIGTERM'
+        return self.signal_name is not None
+    monkeypatch.setattr(preemption.StopRequest, 'agreed', agreed)
+    monkeypatch.setattr(preemption.StopRequest, 'agreed_after_update', agreed)

@@ -13,7 +13,7 @@ import torch
 
 import main
 from engine import preemption, runner
-from helpers.runs import ROOT, free_port, read_metrics, read_weights
+from helpers.runs import ROOT, free_port, read_metrics, read_weights, stop_at
 from utils import EXIT_DIVERGED, EXIT_PREEMPTED
 
 RANDOMNESS = ['MODEL.DROP_PATH_RATE', '0.2', 'AUG.MIXUP', '0.8', 'AUG.REPROB', '0.5', 'DATA.NUM_WORKERS', '1']
@@ -23,20 +23,6 @@ def _run(cfg, out, *opts, extra=()):
     return main.main(['--cfg', cfg, '--output', str(out), *extra, '--opts', *opts])
 
 
-def _stop_at(monkeypatch, call):
-    """Make every rank agree to stop at the `call`-th stop check (one after each optimizer
-    update and one after each epoch's validation), as a signal would."""
-    seen = {'n': 0}
-
-    def agreed(self, *updates_done):
-        seen['n'] += 1
-        if seen['n'] == call:
-            self.signal_name = 'SIGTERM'
-        return self.signal_name is not None
-    monkeypatch.setattr(preemption.StopRequest, 'agreed', agreed)
-    monkeypatch.setattr(preemption.StopRequest, 'agreed_after_update', agreed)
-
-
 # 6 updates per epoch: check 2 is update 2 (epoch 0); check 9 is update 8 (epoch 1, after the
 # epoch-end check 7)
 @pytest.mark.parametrize('check,update', [(2, 2), (9, 8)])
@@ -44,7 +30,7 @@ def test_stopped_and_resumed_run_is_bitwise_equal(cfg_file, tmp_path, monkeypatc
     opts = ['TRAIN.EPOCHS', '3', 'SAVE_STEP_FREQ', '4', *RANDOMNESS]
     assert _run(cfg_file, tmp_path / 'whole', *opts) == 0
     with monkeypatch.context() as m:
-        _stop_at(m, check)
+        stop_at(m, check)
         assert _run(cfg_file, tmp_path / 'cut', *opts) == EXIT_PREEMPTED
     cut = tmp_path / 'cut' / 'tiny' / 'default'
     step_file = f'ckpt_step_{update}.pth'
@@ -116,7 +102,7 @@ def test_torchrun_restarts_after_a_killed_worker_and_finishes(cfg_file, tmp_path
 def test_resume_with_another_world_or_batch_keeps_the_schedule(cfg_file, tmp_path, monkeypatch):
     opts = ['TRAIN.EPOCHS', '2', 'SAVE_STEP_FREQ', '0']
     with monkeypatch.context() as m:
-        _stop_at(m, 3)  # half of epoch 0 at batch 8: 24 of 48 images
+        stop_at(m, 3)  # half of epoch 0 at batch 8: 24 of 48 images
         assert _run(cfg_file, tmp_path, *opts) == EXIT_PREEMPTED
     assert _run(cfg_file, tmp_path, *opts, extra=['--batch-size', '4']) == 0
     run_dir = tmp_path / 'tiny' / 'default'

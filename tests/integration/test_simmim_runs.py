@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.runs import ROOT, free_port, read_metrics, run_main
+from helpers.runs import ROOT, free_port, read_metrics, run_main, stop_at
+from utils import EXIT_PREEMPTED
 
 PRETRAIN = ['--simmim-pretrain', '--opts', 'DATA.MASK_PATCH_SIZE', '8', 'DATA.MASK_RATIO', '0.5',
             'SAVE_KEEP_LAST', '0', 'SAVE_FREQ', '1', 'MODEL.DROP_PATH_RATE', '0.1']
@@ -67,6 +68,23 @@ def test_pretraining_resumes_bit_for_bit(cfg_file, pretrained, tmp_path):
     end_a = torch.load(pretrained / 'ckpt_epoch_2.pth', weights_only=True)['model']
     end_b = torch.load(resumed / 'ckpt_epoch_2.pth', weights_only=True)['model']
     assert all(torch.equal(value, end_b[key]) for key, value in end_a.items())
+
+
+def test_pretraining_stopped_mid_epoch_resumes_bit_for_bit(cfg_file, tmp_path, monkeypatch):
+    """A stop signal after update 2 (of 6 per epoch): the mid-epoch checkpoint, resumed with a
+    loader worker, ends with the uninterrupted run's weights and losses."""
+    opts = [*PRETRAIN, 'TRAIN.EPOCHS', '2', 'SAVE_STEP_FREQ', '4', 'DATA.NUM_WORKERS', '1']
+    assert run_main(cfg_file, tmp_path / 'whole', *opts) == 0
+    with monkeypatch.context() as m:
+        stop_at(m, 2)
+        assert run_main(cfg_file, tmp_path / 'cut', *opts) == EXIT_PREEMPTED
+    cut, whole = tmp_path / 'cut' / 'tiny' / 'default', tmp_path / 'whole' / 'tiny' / 'default'
+    assert (cut / 'ckpt_step_2.pth').exists()
+    assert run_main(cfg_file, tmp_path / 'cut', *opts) == 0
+    end_a = torch.load(whole / 'ckpt_epoch_1.pth', weights_only=True)['model']
+    end_b = torch.load(cut / 'ckpt_epoch_1.pth', weights_only=True)['model']
+    assert all(torch.equal(value, end_b[key]) for key, value in end_a.items())
+    assert [m['train_loss'] for m in read_metrics(whole)] == [m['train_loss'] for m in read_metrics(cut)]
 
 
 def test_fine_tuning_starts_from_the_pretrained_encoder(cfg_file, pretrained, tmp_path):
