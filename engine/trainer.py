@@ -260,14 +260,15 @@ class Trainer:
         if self.sharded:
             state = sharded_files.state_dicts(self.model, self.optimizer)
         else:
-            parallel.gather_optimizer_state(self.optimizer)  # a collective
-            state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict()}
-            if experts := expert_names(self.model):  # Swin-MoE: every rank's experts into one file
-                state['model'] = gather_model_state(state['model'], experts)
-                state['optimizer'] = gather_optimizer_state(state['optimizer'], self.model, self.optimizer, experts)
+            parallel.gather_optimizer_state(self.optimizer)  # a collective; ZeRO's state is then rank 0's
+            if experts := expert_names(self.model):  # Swin-MoE (ddp): every rank's experts into one file
+                weights = gather_model_state(self.model.state_dict(), experts)
+                moments = gather_optimizer_state(self.optimizer.state_dict(), self.model, self.optimizer, experts)
                 ema = gather_model_state(ema, experts) if ema is not None else None
             if not self.ctx.is_main:
                 return {}
+            state = ({'model': weights, 'optimizer': moments} if experts else
+                     {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict()})
         state.update({'lr_scheduler': self.scheduler.state_dict(),
                       'scaler': self.scaler.state_dict() if self.scaler else None,
                       'epoch': self.epoch - 1, 'max_accuracy': self.max_accuracy, 'config': self.config.dump(),

@@ -14,7 +14,7 @@ import main
 from checkpoints import folder as checkpoint_folder
 from checkpoints import sharded
 from checkpoints.reading import model_state_dict, read_checkpoint
-from helpers.runs import N_VAL, ROOT, collect, free_port, read_metrics
+from helpers.runs import N_VAL, ROOT, collect, free_port, read_metrics, stop_at
 from models.swin_transformer import SwinTransformer
 from utils import EXIT_PREEMPTED
 
@@ -290,7 +290,7 @@ def test_unfit_or_damaged_sharded_checkpoints_are_one_line_errors(runs, cfg_file
 def test_fsdp_run_stopped_mid_epoch_resumes_bit_for_bit(cfg_file, tmp_path, monkeypatch):
     """A stop signal inside epoch 1 of an fsdp run (one process, a group of one) writes a
     sharded mid-epoch checkpoint; resuming it ends equal to the uninterrupted run."""
-    from test_resilience import RANDOMNESS, _stop_at
+    from test_resilience import RANDOMNESS
 
     opts = ['TRAIN.PARALLEL', 'fsdp', 'TRAIN.EPOCHS', '2', 'SAVE_STEP_FREQ', '4', *RANDOMNESS]
 
@@ -298,7 +298,7 @@ def test_fsdp_run_stopped_mid_epoch_resumes_bit_for_bit(cfg_file, tmp_path, monk
         return main.main(['--cfg', cfg_file, '--output', str(out), '--opts', *opts])
     assert run(tmp_path / 'whole') == 0
     with monkeypatch.context() as m:
-        _stop_at(m, 9)  # update 8, inside epoch 1 (6 updates per epoch)
+        stop_at(m, 9)  # update 8, inside epoch 1 (6 updates per epoch)
         assert run(tmp_path / 'cut') == EXIT_PREEMPTED
     cut = tmp_path / 'cut' / 'tiny' / 'default'
     assert (cut / 'latest').read_text().strip() == 'ckpt_step_8.dcp' and (cut / 'ckpt_step_8.dcp').is_dir()

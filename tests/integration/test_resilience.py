@@ -117,8 +117,8 @@ def _nan_after(monkeypatch, calls):
     """The model's forward returns NaN logits on the given training calls (1-based)."""
     build = runner.build_model
 
-    def patched(config):
-        model = build(config)
+    def patched(config, **kwargs):
+        model = build(config, **kwargs)
         forward, count = model.forward, {'n': 0}
 
         def nan_forward(x, *a, **k):
