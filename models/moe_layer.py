@@ -277,9 +277,12 @@ class AllToAllDispatch(LocalDispatch):
     and the copy: autograd handles both)."""
 
     def __init__(self, group=None):
-        self.group = group if group is not None else dist.group.WORLD
-        self.world_size = dist.get_world_size(self.group)
-        self.rank = dist.get_rank(self.group)
+        # None is the default group, looked up at each call: holding the group object would keep
+        # it (and its gloo threads) alive past destroy_process_group into interpreter exit, where
+        # a gloo thread freeing a finished collective's tensors aborts the process
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
 
     def exchange(self, x: torch.Tensor, shards: int = 1) -> torch.Tensor:
         if shards > 1:  # one block per destination rank: expert e's copies go to ranks e*n .. e*n + n-1
@@ -369,6 +372,9 @@ class MoELayer(nn.Module):
         self.dispatch = dispatch if dispatch is not None else default_dispatch()
         self.num_local_experts, self.shards = expert_layout(num_local_experts, self.dispatch.world_size)
         num_experts = self.num_local_experts * self.dispatch.world_size // self.shards
+        # the buffer is for the checkpoint (Tutel's key); forward reads the plain int, since
+        # reading a CUDA buffer would wait for the device in every forward
+        self.num_global_experts = num_experts
         self.register_buffer('_num_global_experts', torch.tensor(num_experts))
         self.top_k = min(top_k, num_experts)
         self.capacity_factor = capacity_factor
@@ -381,10 +387,6 @@ class MoELayer(nn.Module):
         self.gates = nn.ModuleList([gate])
         self.experts = FusedExperts(self.num_local_experts, model_dim, hidden_dim, moe_drop, fc2_bias, init_std,
                                     self.shards, self.dispatch.rank % self.shards)
-
-    @property
-    def num_global_experts(self) -> int:
-        return int(self._num_global_experts)
 
     def scores_and_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, E) routing scores (noisy in training) and the auxiliary loss, in fp32."""

@@ -328,7 +328,11 @@ class SwinTransformerBlock(DerivedBuffers, nn.Module):
         if H is None or W is None:
             H, W = self.input_resolution
         x = add_drop_path(x, self.attend_windows(self.norm1(x), H, W), self.drop_path_prob, self.training)
-        return add_drop_path(x, self.mlp(self.norm2(x)), self.drop_path_prob, self.training)
+        return add_drop_path(x, self.mlp_branch(self.norm2(x)), self.drop_path_prob, self.training)
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual's MLP branch (Swin-MoE's blocks route it through experts)."""
+        return self.mlp(x)
 
     def flops(self) -> float:
         H, W = self.input_resolution

@@ -25,7 +25,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 from . import swin_transformer as v1
-from .layers import Mlp, add_drop_path
+from .layers import Mlp
 from .moe_layer import SKIP_ALLREDUCE, LocalDispatch, MoELayer, default_dispatch
 from .swin_transformer_v2 import log_spaced_coords
 
@@ -129,14 +129,11 @@ class SwinTransformerBlock(v1.SwinTransformerBlock):
             self.mlp = DenseMlp(dim, hidden, drop=drop, fc2_bias=mlp_fc2_bias)
         self.l_aux: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, H: int | None = None, W: int | None = None) -> torch.Tensor:
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_moe:
-            return super().forward(x, H, W)
-        if H is None or W is None:
-            H, W = self.input_resolution
-        x = add_drop_path(x, self.attend_windows(self.norm1(x), H, W), self.drop_path_prob, self.training)
-        y, self.l_aux = self.mlp(self.norm2(x))
-        return add_drop_path(x, y, self.drop_path_prob, self.training)
+            return self.mlp(x)
+        y, self.l_aux = self.mlp(x)
+        return y
 
     def flops(self) -> float:
         """As officially: a MoE MLP counts capacity_factor * top_value dense MLPs."""

@@ -151,6 +151,12 @@ def _uneven_eval(rank: int, world: int) -> dict:
 
 def _worker(out_dir: str) -> None:
     import torch.distributed as dist
+
+    # imported before the group starts, as main.py does: imported after, timm's import chain
+    # keeps a reference to the default group past destroy_process_group, its gloo threads then
+    # live into interpreter exit and the process may abort ('terminate called without an
+    # active exception') after a correct run
+    import models.swin_transformer_moe  # noqa: F401
     dist.init_process_group('gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
     outcome = {name: _compare(options, rank, world) for name, options in CONFIGS.items()}
