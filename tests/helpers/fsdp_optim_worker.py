@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distributed import parallel
+from distributed.process_group import shutdown
 from engine.guard import NonFiniteGuard, clip_grad_norm
 from helpers.configs import make_config
 from models import build_model
@@ -55,7 +56,7 @@ def main() -> None:
         with open(os.path.join(out, 'result.json'), 'w') as f:
             json.dump({'max_difference': worst, 'host_reads': reads, 'finite': all(
                 bool(torch.isfinite(v).all()) for v in full.values() if v.is_floating_point())}, f)
-    dist.destroy_process_group()
+    shutdown()  # the project's teardown: frees the groups FSDP meshes keep, so no gloo thread outlives Python
 
 
 if __name__ == '__main__':

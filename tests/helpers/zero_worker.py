@@ -13,6 +13,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distributed import parallel
+from distributed.process_group import shutdown
 from engine.guard import NonFiniteGuard, clip_grad_norm
 from helpers.configs import make_config
 from models import build_model
@@ -75,7 +76,7 @@ def main() -> None:
               'fp16_skipped': skipped, 'fp16_item_calls': item_calls, 'fp16_scale': scale}
     with open(os.path.join(sys.argv[1], f'rank{dist.get_rank()}.json'), 'w') as f:
         json.dump(result, f)
-    dist.destroy_process_group()
+    shutdown()  # the project's teardown: frees the groups FSDP meshes keep, so no gloo thread outlives Python
 
 
 if __name__ == '__main__':
